@@ -1,0 +1,121 @@
+"""The vLLM engine behind the `Engine` interface: the only module that imports vLLM.
+
+It starts vLLM's V1 `AsyncLLM` in-process (the engine core runs in a spawned subprocess, so the
+program that calls `start` needs an `if __name__ == "__main__":` guard), asks for DELTA outputs
+(only new text and ids per step: no cumulative copies on the hot path), and converts vLLM's
+`RequestOutput` into the plain dataclasses of `engine.py`. vLLM's own Prometheus metrics
+(`vllm:*`) are registered in prometheus_client's default registry by the engine itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import AsyncIterator
+from typing import Any
+
+from serve.config import EngineConfig
+from serve.engine import ChoiceDelta, EngineDeadError, EngineStep, SamplingSpec, TokenLogprobs
+
+log = logging.getLogger(__name__)
+
+
+def _logprobs(entries: Any, chosen: list[int], k: int) -> list[TokenLogprobs]:
+    """vLLM's per-position {id: Logprob} dicts -> the chosen token, and the top-k by rank.
+
+    vLLM returns the k best plus the chosen token when that is not among them (k + 1 entries).
+    """
+    out = []
+    for token_id, pos in zip(chosen, entries, strict=False):
+        ranked = sorted(pos.items(), key=lambda kv: kv[1].rank or 0)[:k]
+        out.append(TokenLogprobs(token_id, pos[token_id].logprob,
+                                 [(tid, lp.logprob) for tid, lp in ranked]))
+    return out
+
+
+class VllmEngine:
+    """`Engine` on vLLM's AsyncLLM (V1)."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        # Imported here so that importing this module (for --help, say) stays cheap.
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        args = {k: v for k, v in dataclasses.asdict(config).items() if v is not None}
+        self.model_path = config.model
+        self._llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**args))
+        self.max_model_len: int = self._llm.model_config.max_model_len
+
+    def _params(self, spec: SamplingSpec) -> Any:
+        from vllm.sampling_params import RequestOutputKind, SamplingParams
+
+        return SamplingParams(
+            n=spec.n,
+            max_tokens=spec.max_tokens,
+            temperature=spec.temperature,
+            top_p=spec.top_p,
+            top_k=spec.top_k,
+            min_p=spec.min_p,
+            seed=spec.seed,
+            presence_penalty=spec.presence_penalty,
+            frequency_penalty=spec.frequency_penalty,
+            repetition_penalty=spec.repetition_penalty,
+            stop=list(spec.stop),
+            stop_token_ids=list(spec.stop_token_ids),
+            ignore_eos=spec.ignore_eos,
+            logprobs=spec.logprobs,
+            prompt_logprobs=spec.prompt_logprobs,
+            skip_special_tokens=spec.skip_special_tokens,
+            # The serving layer cuts stop strings itself with a minimal hold-back; vLLM's own
+            # hold-back would delay every chunk by len(longest stop) - 1 characters.
+            include_stop_str_in_output=True,
+            output_kind=RequestOutputKind.DELTA,
+        )
+
+    async def generate(
+        self, prompt_token_ids: list[int], spec: SamplingSpec, request_id: str
+    ) -> AsyncIterator[EngineStep]:
+        from vllm.inputs.engine import tokens_input
+        from vllm.v1.engine.exceptions import EngineDeadError as VllmDead
+
+        params = self._params(spec)
+        first = True
+        try:
+            async for out in self._llm.generate(tokens_input(prompt_token_ids), params, request_id):
+                choices = [
+                    ChoiceDelta(
+                        index=c.index,
+                        text=c.text,
+                        token_ids=list(c.token_ids),
+                        logprobs=_logprobs(c.logprobs, list(c.token_ids), spec.logprobs or 0)
+                        if c.logprobs is not None
+                        else None,
+                        finish_reason=c.finish_reason,
+                        stop_reason=c.stop_reason,
+                    )
+                    for c in out.outputs
+                ]
+                prompt_lps = None
+                if first and out.prompt_logprobs is not None:
+                    k = spec.prompt_logprobs or 0
+                    prompt_lps = [None, *_logprobs(out.prompt_logprobs[1:], prompt_token_ids[1:], k)]
+                first = False
+                yield EngineStep(choices, len(prompt_token_ids), out.finished, prompt_lps)  # type: ignore[arg-type]
+        except VllmDead as e:
+            raise EngineDeadError(str(e)) from e
+
+    async def abort(self, request_id: str) -> None:
+        await self._llm.abort(request_id)
+
+    async def check_health(self) -> None:
+        if self._llm.errored:
+            raise EngineDeadError(str(self._llm.dead_error))
+        try:
+            await self._llm.check_health()
+        except Exception as e:  # vLLM raises its own EngineDeadError here
+            raise EngineDeadError(str(e)) from e
+
+    def shutdown(self) -> None:
+        self._llm.shutdown()
