@@ -109,6 +109,12 @@ def create_app(state: AppState) -> FastAPI:
                   description="OpenAI-compatible server for merged Japanese LLMs on vLLM.")
     app.state.moegi = state
     install_handlers(app)
+    # vLLM's engine registers its `vllm:*` metrics in prometheus_client's default registry.
+    # /metrics sits behind --api-key like every route but /health (Prometheus sends the key with
+    # `authorization: {credentials: ...}` in its scrape config).
+    from prometheus_client import make_asgi_app
+
+    app.mount("/metrics", make_asgi_app())
     key_digest = hashlib.sha256(state.api_key.encode()).digest() if state.api_key else None
 
     @app.middleware("http")

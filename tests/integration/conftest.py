@@ -1,0 +1,111 @@
+"""Real servers for the integration tests: `python -m serve` on the tiny models, real vLLM.
+
+Both servers start at the beginning of the session, in parallel (each takes ~30 s on 2 cores:
+vLLM spawns its engine core), and stop at the end:
+- `chat`: the embedded default model tiny-chat (a trained Mixtral) with its preset (alpaca-ja);
+- `llama`: the random tiny dense Llama with --chat-template llama-2-chat and an API key.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from serve.tiny.build import ensure_model
+
+API_KEY = "test-key-123"
+START_TIMEOUT_S = 300
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Server:
+    name: str
+    port: int
+    proc: subprocess.Popen[bytes]
+    log: Path
+    api_key: str | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def wait(self) -> Server:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} server exited: {self.log.read_text()[-3000:]}")
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        raise RuntimeError(f"{self.name} server did not become healthy: "
+                           f"{self.log.read_text()[-3000:]}")
+
+    def client(self) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=self.api_key or "none",
+                             max_retries=0, timeout=120)
+
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
+
+def _start(name: str, args: list[str], tmp: Path, api_key: str | None = None) -> Server:
+    port = _free_port()
+    log = tmp / f"{name}.log"
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "serve", "--port", str(port), "--enforce-eager",
+           "--max-model-len", "512", *args]
+    if api_key:
+        cmd += ["--api-key", api_key]
+    proc = subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env)
+    return Server(name, port, proc, log, api_key)
+
+
+@pytest.fixture(scope="session")
+def _servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Server]]:
+    tmp = tmp_path_factory.mktemp("servers")
+    chat_dir, llama_dir = ensure_model("tiny-chat"), ensure_model("tiny-llama")
+    servers = {
+        "chat": _start("chat", ["--model", str(chat_dir), "--served-model-name", "tiny-chat"],
+                       tmp),
+        "llama": _start("llama", ["--model", str(llama_dir), "--served-model-name", "tiny-llama",
+                                  "--chat-template", "llama-2-chat"], tmp, API_KEY),
+    }
+    try:
+        yield servers
+    finally:
+        for s in servers.values():
+            s.proc.terminate()
+        for s in servers.values():
+            try:
+                s.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                s.proc.kill()
+
+
+@pytest.fixture(scope="session")
+def chat_server(_servers: dict[str, Server]) -> Server:
+    return _servers["chat"].wait()
+
+
+@pytest.fixture(scope="session")
+def llama_server(_servers: dict[str, Server]) -> Server:
+    return _servers["llama"].wait()

@@ -1,0 +1,176 @@
+"""The HTTP layer against the fake engine: envelopes, auth, health, streaming shape."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+import chat_templates
+from serve.app import AppState, create_app
+from serve.serving import ServedModel
+from serve.stops import StopPolicy
+from tests.fakes import FakeEngine
+from tests.schemas import sse_payloads, validate
+
+
+def make_model(tokenizer: Any, **kw: Any) -> ServedModel:
+    _, src = chat_templates.load("alpaca-ja")
+    stops = StopPolicy.for_tokenizer(tokenizer, ["### 指示:"])
+    return ServedModel(name="m", tokenizer=tokenizer, max_model_len=256, stops=stops,
+                       chat_template=src, template_name="alpaca-ja", **kw)
+
+
+def client(tokenizer: Any, engine: FakeEngine | None = None, api_key: str | None = None,
+           **kw: Any) -> TestClient:
+    state = AppState(engine=engine or FakeEngine(), model=make_model(tokenizer, **kw),
+                     api_key=api_key)
+    return TestClient(create_app(state), raise_server_exceptions=False)
+
+
+def chat(c: TestClient, **body: Any) -> Any:
+    payload = {"model": "m", "messages": [{"role": "user", "content": "首都は？"}], **body}
+    return c.post("/v1/chat/completions", json=payload)
+
+
+def assert_envelope(r: Any, status: int, param: str | None = None) -> dict[str, Any]:
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    validate("ErrorResponse", r.json())
+    assert set(err) == {"message", "type", "param", "code"}
+    if param is not None:
+        assert err["param"] == param
+    return err  # type: ignore[no-any-return]
+
+
+def test_chat_response_validates_and_counts_usage(tokenizer: Any) -> None:
+    r = chat(client(tokenizer), max_tokens=10)
+    body = r.json()
+    validate("CreateChatCompletionResponse", body)
+    assert body["choices"][0]["message"]["content"] == "日本の首都は東京です。"
+    assert body["choices"][0]["stop_type"] == "eos_token"
+    assert body["usage"]["completion_tokens"] == 7  # six pieces and the EOS token
+    assert body["usage"]["total_tokens"] == body["usage"]["prompt_tokens"] + 7
+
+
+@pytest.mark.parametrize(("body", "param"), [
+    ({"messages": []}, "messages"),
+    ({"n": 0}, "n"),
+    ({"n": 2, "temperature": 0}, None),
+    ({"presence_penalty": 3}, "presence_penalty"),
+    ({"temperature": "hot"}, "temperature"),
+    ({"max_tokens": 0}, "max_tokens"),
+    ({"max_tokens": 10_000}, "max_tokens"),
+    ({"tools": [{"type": "function"}]}, None),
+    ({"messages": [{"role": "wizard", "content": "x"}]}, None),
+    ({"stop": [""]}, None),
+])
+def test_bad_input_is_a_400_envelope(tokenizer: Any, body: dict[str, Any], param: str | None
+                                     ) -> None:
+    assert_envelope(chat(client(tokenizer), **body), 400, param)
+
+
+def test_long_prompt_is_a_400_that_names_the_fix(tokenizer: Any) -> None:
+    err = assert_envelope(chat(client(tokenizer), messages=[
+        {"role": "user", "content": "東京" * 400}]), 400)
+    assert err["code"] == "context_length_exceeded" and "shorten" in err["message"]
+
+
+def test_malformed_json_and_unknown_model_and_route(tokenizer: Any) -> None:
+    c = client(tokenizer)
+    r = c.post("/v1/chat/completions", content=b"{bad", headers={"content-type": "application/json"})
+    assert "JSON" in assert_envelope(r, 400)["message"]
+    assert assert_envelope(chat(c, model="gpt-4"), 404, "model")["code"] == "model_not_found"
+    assert_envelope(c.get("/v1/nothing"), 404)
+    assert_envelope(c.get("/v1/chat/completions"), 405)
+
+
+def test_api_key(tokenizer: Any) -> None:
+    c = client(tokenizer, api_key="s3cret")
+    assert c.get("/health").status_code == 200  # open for probes
+    assert_envelope(c.get("/v1/models"), 401)
+    assert_envelope(c.get("/v1/models", headers={"Authorization": "Bearer S3CRET"}), 401)
+    assert_envelope(c.get("/metrics", headers={"Authorization": "Bearer nope"}), 401)
+    ok = c.get("/v1/models", headers={"Authorization": "Bearer s3cret"})
+    assert ok.status_code == 200
+    validate("ListModelsResponse", ok.json())
+
+
+def test_health_503_while_loading_and_when_dead(tokenizer: Any) -> None:
+    loading = TestClient(create_app(AppState()), raise_server_exceptions=False)
+    assert loading.get("/health").status_code == 503
+    assert_envelope(chat(loading), 503)
+    dead_calls: list[int] = []
+    state = AppState(engine=FakeEngine(dead=True), model=make_model(tokenizer),
+                     on_dead=lambda: dead_calls.append(1))
+    dead = TestClient(create_app(state), raise_server_exceptions=False)
+    assert dead.get("/health").status_code == 503
+    assert dead_calls == [1] and state.dead
+
+
+def test_stream_shape_usage_and_schema(tokenizer: Any) -> None:
+    r = chat(client(tokenizer), stream=True, stream_options={"include_usage": True})
+    payloads = sse_payloads(r.text)
+    assert payloads[-1] == "[DONE]"
+    chunks = [json.loads(p) for p in payloads[:-1]]
+    for ch in chunks:
+        validate("CreateChatCompletionStreamResponse", ch)
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 7
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+    assert text == "日本の首都は東京です。"
+
+
+def test_stream_error_after_200_is_a_data_chunk(tokenizer: Any) -> None:
+    r = chat(client(tokenizer, FakeEngine(dead=True)), stream=True)
+    payloads = sse_payloads(r.text)
+    assert r.status_code == 200 and payloads[-1] == "[DONE]"
+    assert json.loads(payloads[-2])["error"]["code"] is None
+
+
+def test_user_stop_cut_and_reported(tokenizer: Any) -> None:
+    body = chat(client(tokenizer), stop="東京").json()["choices"][0]
+    assert body["message"]["content"] == "日本の首都は"
+    assert (body["stop_type"], body["stop_reason"]) == ("stop_string", "東京")
+
+
+def test_eos_text_cut_and_opt_out(tokenizer: Any) -> None:
+    engine = FakeEngine(["答え", "です。<", "/s", ">", "### 指示:"])
+    c = client(tokenizer, engine)
+    body = chat(c).json()["choices"][0]
+    assert body["message"]["content"] == "答えです。"
+    assert body["stop_type"] == "eos_text"
+    raw = chat(c, eos_truncation=False).json()["choices"][0]
+    assert raw["message"]["content"] == "答えです。</s>### 指示:"
+
+
+def test_preset_sampling_defaults_fill_unset_fields_only(tokenizer: Any) -> None:
+    engine = FakeEngine()
+    c = client(tokenizer, engine, sampling_defaults={"temperature": 0.7, "top_p": 0.95})
+    chat(c)
+    chat(c, temperature=0.2)
+    assert engine.requests[0][1].temperature == 0.7 and engine.requests[0][1].top_p == 0.95
+    assert engine.requests[1][1].temperature == 0.2
+
+
+def test_default_system_prompt_used_only_without_system(tokenizer: Any) -> None:
+    engine = FakeEngine()
+    c = client(tokenizer, engine, default_system="システム既定")
+    chat(c)
+    chat(c, messages=[{"role": "system", "content": "独自"}, {"role": "user", "content": "x"}])
+    first = tokenizer.decode(engine.requests[0][0])
+    second = tokenizer.decode(engine.requests[1][0])
+    assert "システム既定" in first and "システム既定" not in second and "独自" in second
+
+
+def test_completions_batch_indices_and_schema(tokenizer: Any) -> None:
+    r = client(tokenizer).post("/v1/completions", json={
+        "model": "m", "prompt": ["a", "b"], "n": 2, "temperature": 1.0, "max_tokens": 3,
+        "echo": True})
+    body = r.json()
+    validate("CreateCompletionResponse", body)
+    assert sorted(c["index"] for c in body["choices"]) == [0, 1, 2, 3]
+    assert all(c["finish_reason"] == "length" for c in body["choices"])
+    assert body["choices"][0]["text"].startswith("a")
