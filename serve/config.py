@@ -72,7 +72,7 @@ def _parse_bool(v: str) -> bool:
     return v.lower() in {"1", "true", "yes", "on"}
 
 
-def _add_fields(parser: argparse.ArgumentParser, cls: type) -> None:
+def _add_fields(parser: argparse._ActionsContainer, cls: type) -> None:
     hints = get_type_hints(cls)
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")

@@ -47,7 +47,10 @@ def completion_logprobs(model: ServedModel, lps: list[TokenLogprobs | None] | No
     """OpenAI's legacy logprobs object; None entries (the first prompt token) give null."""
     if lps is None:
         return None
-    tokens, values, tops, offsets = [], [], [], []
+    tokens: list[str] = []
+    values: list[float | None] = []
+    tops: list[dict[str, float] | None] = []
+    offsets: list[int] = []
     for lp in lps:
         offsets.append(offset)
         if lp is None:

@@ -32,9 +32,9 @@ def sentence_end(text: str, final: bool = True) -> int:
         j = i
         while j > 0 and text[j - 1] in CLOSERS:
             j -= 1
-        if j > 0 and text[j - 1] in SENTENCE_ENDS:
-            if text[j - 1] != "." or (final if i == len(text) else text[i].isspace()):
-                return i
+        ends = j > 0 and text[j - 1] in SENTENCE_ENDS
+        if ends and (text[j - 1] != "." or (final if i == len(text) else text[i].isspace())):
+            return i
         i -= 1
     return 0
 

@@ -23,6 +23,7 @@ import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).parent
 CORPUS = HERE / "corpus.txt"
@@ -84,7 +85,7 @@ def build_tokenizer(out: Path) -> None:
             seed_sentencepiece_size=100000,
             minloglevel=2,
         )
-        spec = SentencePieceExtractor(prefix + ".model").extract(BPE)
+        spec: Any = SentencePieceExtractor(prefix + ".model").extract(BPE)
     # add_bos_token as in the Llama-2 tokenizer: encode() starts with <s>.
     tok = LlamaTokenizer(vocab=spec["vocab"], merges=spec["merges"], add_bos_token=True,
                          add_prefix_space=False)
@@ -104,10 +105,11 @@ def _save_model(out: Path, arch: str) -> None:
 
     tok: PreTrainedTokenizerBase = _AT.from_pretrained(out)
     torch.manual_seed(SEED)
+    model: Any
     if arch == "llama":
-        model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), **COMMON))  # type: ignore[arg-type]
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), **COMMON))  # type: ignore[no-untyped-call, arg-type]
     else:
-        model = MixtralForCausalLM(MixtralConfig(vocab_size=len(tok), **COMMON, **MIXTRAL))  # type: ignore[arg-type]
+        model = MixtralForCausalLM(MixtralConfig(vocab_size=len(tok), **COMMON, **MIXTRAL))  # type: ignore[no-untyped-call, arg-type]
     model.to(torch.bfloat16).save_pretrained(out)
 
 

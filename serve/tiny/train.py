@@ -71,7 +71,7 @@ def train_chat_model(out: Path) -> None:
         ids[r, : len(s)] = torch.tensor(s)
         labels[r, : len(s)] = torch.tensor(s)
     config = MixtralConfig(vocab_size=len(tok), **COMMON, **MIXTRAL)  # type: ignore[arg-type]
-    model = MixtralForCausalLM(config)
+    model: Any = MixtralForCausalLM(config)  # type: ignore[no-untyped-call]
     opt = torch.optim.AdamW(model.parameters(), lr=LR)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=LR, total_steps=STEPS, pct_start=0.1)
     model.train()
