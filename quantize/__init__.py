@@ -1,0 +1,1 @@
+"""AWQ quantization stage: see the quantize issue. Nothing here yet."""
