@@ -62,14 +62,14 @@ class ServedModel:
             if key not in req.model_fields_set:
                 setattr(req, key, value)
 
-    def check_length(self, num_prompt: int, requested: int | None) -> int:
+    def check_length(self, num_prompt: int, requested: int | None, param: str = "messages") -> int:
         """Validate prompt and completion length against the context; return max_tokens."""
         room = self.max_model_len - num_prompt
         if room <= 0:
             raise APIError(
                 f"the prompt is {num_prompt} tokens but the context is {self.max_model_len} "
                 "tokens: shorten the prompt (or start the server with a larger --max-model-len)",
-                400, "messages", "context_length_exceeded")
+                400, param, "context_length_exceeded")
         if requested is None:
             return room
         if requested > room:

@@ -109,7 +109,7 @@ async def completion(
     specs: list[SamplingSpec] = []
     stops = model.stops.strings(req.stop_list(), req.eos_truncation)
     for ids in prompts:
-        max_tokens = model.check_length(len(ids), req.requested_max_tokens())
+        max_tokens = model.check_length(len(ids), req.requested_max_tokens(), "prompt")
         specs.append(req.to_spec(max_tokens, stops, req.logprobs,
                                  req.logprobs if req.echo and req.logprobs is not None else None))
     request_id = new_id("cmpl")

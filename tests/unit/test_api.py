@@ -165,6 +165,11 @@ def test_default_system_prompt_used_only_without_system(tokenizer: Any) -> None:
     assert "システム既定" in first and "システム既定" not in second and "独自" in second
 
 
+def test_completion_prompt_too_long_names_prompt(tokenizer: Any) -> None:
+    r = client(tokenizer).post("/v1/completions", json={"model": "m", "prompt": "東京" * 400})
+    assert assert_envelope(r, 400, "prompt")["code"] == "context_length_exceeded"
+
+
 def test_completions_batch_indices_and_schema(tokenizer: Any) -> None:
     r = client(tokenizer).post("/v1/completions", json={
         "model": "m", "prompt": ["a", "b"], "n": 2, "temperature": 1.0, "max_tokens": 3,
