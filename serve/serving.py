@@ -110,6 +110,11 @@ class Usage:
     prompt_tokens: int = 0
     completion_tokens: int = 0
 
+    @classmethod
+    def total(cls, parts: Sequence[Usage]) -> Usage:
+        """The usage of a batch: the sum of its requests'."""
+        return cls(sum(u.prompt_tokens for u in parts), sum(u.completion_tokens for u in parts))
+
     def as_dict(self) -> dict[str, int]:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
                 "total_tokens": self.prompt_tokens + self.completion_tokens}

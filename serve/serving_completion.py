@@ -132,7 +132,7 @@ async def completion(
             choices.append({"index": p * req.n + e.index, "text": echoes[p] + e.text,
                             "logprobs": completion_logprobs(model, lps),
                             "finish_reason": e.finish_reason, **stop_fields(e)})
-    usage = Usage(sum(u.prompt_tokens for u in usages), sum(u.completion_tokens for u in usages))
+    usage = Usage.total(usages)
     return {"id": request_id, "object": "text_completion", "created": int(time.time()),
             "model": model.name, "choices": choices, "usage": usage.as_dict()}
 
@@ -161,7 +161,6 @@ async def _stream(model: ServedModel, req: CompletionRequest, request_id: str,
                 choice.update(stop_fields(e))
             yield sse(head + json.dumps(choice, ensure_ascii=False) + "]" + tail)
     if include_usage:
-        usage = Usage(sum(u.prompt_tokens for u in usages),
-                      sum(u.completion_tokens for u in usages))
+        usage = Usage.total(usages)
         yield sse(head + "]" + f',"usage":{json.dumps(usage.as_dict())}}}')
     yield SSE_DONE
