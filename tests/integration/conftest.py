@@ -8,7 +8,9 @@ vLLM spawns its engine core), and stop at the end:
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -75,7 +77,9 @@ def _start(name: str, args: list[str], tmp: Path, api_key: str | None = None) ->
            "--max-model-len", "512", *args]
     if api_key:
         cmd += ["--api-key", api_key]
-    proc = subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env)
+    # Own session, so teardown can end vLLM's engine-core and worker children with the server.
+    proc = subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env,
+                            start_new_session=True)
     return Server(name, port, proc, log, api_key)
 
 
@@ -95,10 +99,10 @@ def _servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Ser
         for s in servers.values():
             s.proc.terminate()
         for s in servers.values():
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 s.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                s.proc.kill()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(s.proc.pid, signal.SIGKILL)
 
 
 @pytest.fixture(scope="session")
