@@ -8,6 +8,16 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.moegi-installed
+# The quantization stage has its own environment: llm-compressor pins compressed-tensors 0.19
+# and transformers <= 5.17, vLLM 0.32 pins compressed-tensors 0.17.
+QVENV ?= .venv-quantize
+QBIN := $(QVENV)/bin
+QSTAMP := $(QVENV)/.moegi-installed
+# CPU torch where there is no NVIDIA driver; PyPI's default (CUDA) build otherwise.
+QTORCH ?= $(if $(shell command -v nvidia-smi 2>/dev/null),torch==2.13.0,torch==2.13.0+cpu)
+MODEL ?=
+OUT ?=
+QARGS ?=
 HOST ?= 127.0.0.1
 PORT ?= 8000
 ARGS ?=
@@ -17,7 +27,7 @@ export VLLM_CPU_KVCACHE_SPACE ?= 1
 export HF_HUB_OFFLINE ?= 1
 export PIP_DISABLE_PIP_VERSION_CHECK ?= 1
 
-.PHONY: serve test lint unit integration install models clean
+.PHONY: serve test lint unit integration install models clean quantize-env quantize test-quantize
 
 install: $(STAMP)
 
@@ -29,6 +39,19 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec
 	touch $(STAMP)
 
+quantize-env: $(QSTAMP)
+
+$(QSTAMP): pyproject.toml
+	test -x $(QBIN)/python || $(PYTHON) -m venv $(QVENV)
+	$(QBIN)/pip install -q -e '.[quantize]' '$(QTORCH)' 'pytest>=8' 'pytest-timeout>=2.3'
+	$(QBIN)/pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $(QSTAMP)
+
+# make quantize MODEL=path/to/merged-model OUT=path/to/out [QARGS="--calib my.jsonl"]
+quantize: $(QSTAMP)
+	@test -n "$(MODEL)" -a -n "$(OUT)" || { echo "usage: make quantize MODEL=<model dir> OUT=<output dir> [QARGS=...]"; exit 2; }
+	$(QBIN)/moegi-quantize $(MODEL) $(OUT) $(QARGS)
+
 models: $(STAMP)
 	$(BIN)/python -m serve.tiny.build
 
@@ -36,17 +59,21 @@ serve: $(STAMP)
 	$(BIN)/python -m serve --host $(HOST) --port $(PORT) $(ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check serve chat_templates tests
+	$(BIN)/ruff check serve quantize chat_templates tests
 	$(BIN)/mypy
 
 unit: $(STAMP)
 	$(BIN)/python -m pytest -q tests/unit
 
-integration: $(STAMP)
+integration: $(STAMP) $(QSTAMP)
 	$(BIN)/python -m pytest -q tests/integration
 
-test: lint models
+test-quantize: $(QSTAMP) models
+	$(QBIN)/python -m pytest -q tests/quantize
+
+test: lint models $(QSTAMP)
+	$(QBIN)/python -m pytest -q tests/quantize
 	$(BIN)/python -m pytest -q tests
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(QVENV) .pytest_cache .mypy_cache .ruff_cache

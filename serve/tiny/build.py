@@ -128,10 +128,19 @@ def _tiny_chat(out: Path) -> None:
     train_chat_model(out)
 
 
+def _tiny_text(out: Path) -> None:
+    from serve.tiny.text import train_text_model
+
+    build_tokenizer(out)
+    train_text_model(out)
+
+
 BUILDERS: dict[str, tuple[Callable[[Path], None], tuple[Path, ...]]] = {
     "tiny-llama": (_tiny("llama"), ()),
     "tiny-mixtral": (_tiny("mixtral"), ()),
     "tiny-chat": (_tiny_chat, (HERE / "train.py", HERE / "instructions.json")),
+    "tiny-text": (_tiny_text, (HERE / "text.py", HERE.parents[1] / "quantize" / "data"
+                               / "calibration.jsonl")),
 }
 
 

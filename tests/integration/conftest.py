@@ -26,6 +26,9 @@ import pytest
 from serve.tiny.build import ensure_model
 
 API_KEY = "test-key-123"
+REPO = Path(__file__).resolve().parents[2]
+# The quantization stage runs in its own environment (llm-compressor's pins differ from vLLM's).
+QUANTIZE_PYTHON = Path(os.environ.get("MOEGI_QUANTIZE_PYTHON", REPO / ".venv-quantize/bin/python"))
 START_TIMEOUT_S = 300
 
 
@@ -69,6 +72,16 @@ class Server:
         return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
 
+def _stop(servers: list[Server]) -> None:
+    for s in servers:
+        s.proc.terminate()
+    for s in servers:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            s.proc.wait(timeout=30)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(s.proc.pid, signal.SIGKILL)
+
+
 def _start(name: str, args: list[str], tmp: Path, api_key: str | None = None) -> Server:
     port = _free_port()
     log = tmp / f"{name}.log"
@@ -96,13 +109,7 @@ def _servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Ser
     try:
         yield servers
     finally:
-        for s in servers.values():
-            s.proc.terminate()
-        for s in servers.values():
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                s.proc.wait(timeout=30)
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(s.proc.pid, signal.SIGKILL)
+        _stop(list(servers.values()))
 
 
 @pytest.fixture(scope="session")
@@ -113,3 +120,21 @@ def chat_server(_servers: dict[str, Server]) -> Server:
 @pytest.fixture(scope="session")
 def llama_server(_servers: dict[str, Server]) -> Server:
     return _servers["llama"].wait()
+
+
+@pytest.fixture(scope="session")
+def awq_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """tiny-llama quantized by `moegi-quantize` (in .venv-quantize), served through vLLM."""
+    if not QUANTIZE_PYTHON.exists():
+        pytest.fail(f"{QUANTIZE_PYTHON} is missing: run `make quantize-env` (make test does)")
+    tmp = tmp_path_factory.mktemp("awq")
+    out = tmp / "tiny-llama-awq"
+    done = subprocess.run([str(QUANTIZE_PYTHON), "-m", "quantize", "tiny-llama", str(out),
+                           "--num-samples", "16"], capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    server = _start("awq", ["--model", str(out), "--served-model-name", "tiny-llama-awq",
+                            "--chat-template", "llama-2-chat", "--quantization", "awq"], tmp)
+    try:
+        yield server.wait()
+    finally:
+        _stop([server])

@@ -1,0 +1,114 @@
+"""Calibration data: the built-in Japanese + English set or the user's JSONL, tokenized.
+
+Rows are `{"text": ...}` (natural text) or `{"messages": [...]}` (an instruction/response pair,
+rendered in the model's prompt format, so the search sees the activations the served model
+will see). The format comes from the tokenizer's own chat template, else from the moegi preset
+matched to the model name (`serve/presets.json`), else the pair is joined as plain text.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+BUILTIN = Path(__file__).parent / "data" / "calibration.jsonl"
+HELDOUT = Path(__file__).parent / "data" / "heldout.jsonl"
+SEED = 0
+
+
+class CalibrationError(ValueError):
+    pass
+
+
+@dataclass
+class Calibration:
+    samples: list[list[int]]
+    source: str  # "built-in (moegi ja+en)" or the file name
+    prompt_format: str  # how messages were rendered
+    seq_len: int
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(map(len, self.samples))
+
+    def dataset(self) -> Any:
+        """A `datasets.Dataset` of input_ids, as llm-compressor's oneshot takes it."""
+        from datasets import Dataset
+
+        return Dataset.from_dict({"input_ids": self.samples,
+                                  "attention_mask": [[1] * len(s) for s in self.samples]})
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    rows = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise CalibrationError(f"{path}:{n}: not JSON ({exc.msg}); each line must be an "
+                                   'object like {"text": "..."} or {"messages": [...]}') from None
+        if not isinstance(row, dict) or not ({"text", "messages"} & row.keys()):
+            raise CalibrationError(f'{path}:{n}: expected {{"text": ...}} or {{"messages": [...]}}')
+        rows.append(row)
+    if not rows:
+        raise CalibrationError(f"{path} holds no calibration rows")
+    return rows
+
+
+def _chat_template(tokenizer: Any, model_dir: Path) -> tuple[str | None, str]:
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.chat_template, "the tokenizer's own chat template"
+    import chat_templates
+    from serve import presets
+
+    cfg = model_dir / "config.json"
+    name_or_path = json.loads(cfg.read_text()).get("_name_or_path", "") if cfg.is_file() else ""
+    preset = presets.match(str(model_dir), name_or_path)
+    if preset is not None and preset.template:
+        return chat_templates.load(preset.template)[1], f"{preset.template} (moegi preset {preset.name})"
+    return None, "plain text (no chat template or preset known)"
+
+
+def template_source(tokenizer: Any, model_dir: Path) -> str | None:
+    """The chat template to ship with the checkpoint when the tokenizer has none."""
+    if getattr(tokenizer, "chat_template", None):
+        return None
+    return _chat_template(tokenizer, model_dir)[0]
+
+
+def render(tokenizer: Any, row: dict[str, Any], template: str | None) -> list[int]:
+    if "text" in row:
+        ids: list[int] = tokenizer.encode(str(row["text"]))
+        return ids
+    messages = row["messages"]
+    if template is None:
+        text = "\n".join(str(m.get("content", "")) for m in messages)
+        return list(tokenizer.encode(text))
+    rendered = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False)
+    # Our templates (and Llama-2-style ones) write BOS themselves.
+    return list(tokenizer.encode(rendered, add_special_tokens=False))
+
+
+def load(tokenizer: Any, model_dir: Path, calib: Path | None = None, num_samples: int = 128,
+         seq_len: int = 512) -> Calibration:
+    path = calib or BUILTIN
+    rows = read_rows(path)
+    template, fmt = _chat_template(tokenizer, model_dir)
+    random.Random(SEED).shuffle(rows)
+    samples = [ids[:seq_len] for ids in (render(tokenizer, r, template) for r in rows[:num_samples])]
+    samples = [s for s in samples if len(s) > 1]
+    if not samples:
+        raise CalibrationError(f"{path}: every row is empty after tokenization")
+    source = "built-in moegi set (Japanese + English text and instructions)" if calib is None \
+        else path.name
+    return Calibration(samples, source, fmt, seq_len)
+
+
+def heldout_texts(path: Path | None = None) -> list[str]:
+    """Held-out evaluation text (never used for calibration or for training the test models)."""
+    return [str(r["text"]) for r in read_rows(path or HELDOUT) if "text" in r]

@@ -1,0 +1,121 @@
+"""The model card (`README.md`) written into every quantized checkpoint.
+
+It records what a user needs to trust and run the checkpoint: the quantization table (bits,
+group size, zero point, calibration data and length, size on disk), the prompt format, and the
+commands for moegi, vLLM, TGI and transformers.
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+
+def _version(dist: str) -> str:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**28 else f"{n / 2**20:.2f} MiB"
+
+
+def render_card(opts: Any, result: Any) -> str:
+    name = opts.out.name
+    base = opts.model.name
+    spec = result.spec
+    c = result.calib
+    fmt = "AutoAWQ GEMM" if opts.format == "awq-gemm" else "compressed-tensors pack-quantized"
+    quant_method = "awq" if opts.format == "awq-gemm" else "compressed-tensors"
+    method = "AWQ (activation-aware)" if opts.method == "awq" else "round-to-nearest"
+    kept = "the MoE routers (`gate`) and `lm_head`" if spec.is_moe else "`lm_head`"
+    lines = [
+        f"# {name}",
+        "",
+        f"4-bit {method} quantization of `{base}` ({spec.architecture}), made with "
+        f"[moegi](https://github.com/moegi) `moegi-quantize` on llm-compressor "
+        f"{_version('llmcompressor')}.",
+        "",
+        "## Quantization",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| Method | {method}, weights only (W4A16) |",
+        f"| Format | {fmt} (`quant_method: {quant_method}`) |",
+        "| Bits | 4 |",
+        f"| Group size | {opts.group_size} |",
+        "| Zero point | yes (asymmetric) |",
+        f"| Not quantized | {kept} |",
+        f"| Calibration data | {c.source} |",
+        f"| Calibration samples | {len(c.samples)} sequences, {c.num_tokens} tokens, "
+        f"at most {c.seq_len} tokens each |",
+        f"| Instruction rows rendered as | {c.prompt_format} |",
+        f"| Size on disk | {_gib(result.size_bytes)} |",
+        f"| Quantized on | {result.device}, {result.seconds:.0f} s, peak RSS "
+        f"{result.peak_rss_gb:.1f} GiB |",
+        "",
+        "Every expert of a MoE model is calibrated on every calibration token "
+        "(`moe_calibrate_all_experts`), and the router is compensated together with the experts "
+        "when the post-attention norm is smoothed.",
+        "",
+        "## Prompt format",
+        "",
+        f"{c.prompt_format}. The template is shipped in this folder's tokenizer files "
+        "(`chat_template.jinja` when the original tokenizer had none), so the commands below "
+        "apply it to chat requests.",
+        "",
+        "## Run it",
+        "",
+        "moegi (OpenAI-compatible API, EOS truncation, Japanese-safe streaming):",
+        "",
+        "```sh",
+        f"moegi-serve --model ./{name} --quantization {quant_method}",
+        "```",
+        "",
+        "vLLM:",
+        "",
+        "```sh",
+        f"vllm serve ./{name} --quantization {'awq_marlin' if quant_method == 'awq' else quant_method}",
+        "```",
+        "",
+        "Text Generation Inference:",
+        "",
+        "```sh",
+        f"docker run --gpus all -v $PWD/{name}:/model ghcr.io/huggingface/text-generation-inference "
+        "--model-id /model --quantize awq" if quant_method == "awq" else
+        "# TGI reads the AutoAWQ GEMM format: quantize again with --format awq-gemm",
+        "```",
+        "",
+        "transformers (on a GPU, with an AWQ kernel package installed):",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        f'model = AutoModelForCausalLM.from_pretrained("./{name}", device_map="cuda")',
+        f'tokenizer = AutoTokenizer.from_pretrained("./{name}")',
+        "```",
+        "",
+        "## Check it",
+        "",
+        "```sh",
+        f"moegi-quantize verify ./{name} --original {opts.model}",
+        "```",
+        "",
+        "prints held-out Japanese and English perplexity for the original, this checkpoint, and "
+        "round-to-nearest at the same bits and group size.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_card(folder: Path, opts: Any, result: Any) -> None:
+    (folder / "README.md").write_text(render_card(opts, result), encoding="utf-8")
+    meta = {"base_model": str(opts.model), "method": opts.method, "format": opts.format,
+            "group_size": opts.group_size, "calibration": result.calib.source,
+            "calibration_samples": len(result.calib.samples),
+            "calibration_tokens": result.calib.num_tokens, "seq_len": result.calib.seq_len,
+            "llmcompressor": _version("llmcompressor")}
+    (folder / "moegi-quantize.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False))

@@ -1,0 +1,164 @@
+"""Writes an AutoAWQ GEMM checkpoint folder from llm-compressor's compressed-tensors output.
+
+Tensors stream one linear layer at a time from the compressed shards to sharded safetensors
+(original tensor names plus `.qweight`/`.qzeros`/`.scales`), so a 4x7B MoE never needs its
+whole state in memory. Then `config.json` gets the AWQ `quantization_config`, and the tokenizer,
+chat template and generation config are copied from the original model.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from quantize.gemm import from_compressed
+from quantize.mappings import ArchSpec
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "tokenizer.model", "added_tokens.json", "chat_template.jinja",
+                   "chat_template.json", "generation_config.json")
+_LAYER = re.compile(r"\.layers\.(\d+)\.")
+
+
+@dataclass
+class WriteReport:
+    quantized_layers: int = 0
+    kept_tensors: list[str] = field(default_factory=list)
+    inexact_scales: int = 0
+    bytes: int = 0
+
+
+def ct_tensors(ct_dir: Path) -> Iterator[tuple[str, Any]]:
+    """(name, open safetensors handle) for every tensor of a compressed-tensors folder."""
+    for shard in sorted(ct_dir.glob("*.safetensors")):
+        with safe_open(str(shard), "pt") as f:
+            for key in f.keys():  # noqa: SIM118 - safe_open handles are not mappings
+                yield key, f
+
+
+class ShardWriter:
+    """Streams tensors into `model-0000i-of-0000n.safetensors` files of at most `max_bytes`.
+
+    Written by hand because huggingface_hub's shard splitter needs the whole state dict in
+    memory first, which is what streaming is here to avoid.
+    """
+
+    def __init__(self, out: Path, max_bytes: int) -> None:
+        self.out, self.max_bytes = out, max_bytes
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
+        self.files: list[tuple[str, list[str]]] = []
+        self.total = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        size = tensor.numel() * tensor.element_size()
+        if self.pending and self.pending_bytes + size > self.max_bytes:
+            self._flush()
+        self.pending[name] = tensor.contiguous()
+        self.pending_bytes += size
+        self.total += size
+
+    def _flush(self) -> None:
+        tmp = f"shard-{len(self.files):05d}.safetensors"
+        save_file(self.pending, str(self.out / tmp), metadata={"format": "pt"})
+        self.files.append((tmp, sorted(self.pending)))
+        self.pending, self.pending_bytes = {}, 0
+
+    def close(self) -> None:
+        if self.pending:
+            self._flush()
+        if len(self.files) == 1:
+            (self.out / self.files[0][0]).rename(self.out / "model.safetensors")
+            return
+        weight_map = {}
+        n = len(self.files)
+        for i, (tmp, names) in enumerate(self.files, 1):
+            final = f"model-{i:05d}-of-{n:05d}.safetensors"
+            (self.out / tmp).rename(self.out / final)
+            weight_map.update(dict.fromkeys(names, final))
+        index = {"metadata": {"total_size": self.total}, "weight_map": weight_map}
+        (self.out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def awq_config(spec: ArchSpec, group_size: int) -> dict[str, Any]:
+    return {"quant_method": "awq", "bits": 4, "group_size": group_size, "zero_point": True,
+            "version": "gemm",
+            "modules_to_not_convert": list(spec.modules_to_not_convert)
+            if spec.modules_to_not_convert else None}
+
+
+def write_gemm(ct_dir: Path, out: Path, spec: ArchSpec, group_size: int,
+               max_shard_bytes: int = 4 << 30, progress: Any = None) -> WriteReport:
+    """Repack every quantized linear of `ct_dir` into `out` (an existing, empty folder)."""
+    report = WriteReport()
+    writer = ShardWriter(out, max_shard_bytes)
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    layer_seen = -1
+    for key, f in ct_tensors(ct_dir):
+        prefix, _, leaf = key.rpartition(".")
+        if leaf in ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape"):
+            got = parts.setdefault(prefix, {})
+            got[leaf] = f.get_tensor(key)
+            if len(got) < 4:
+                continue
+            del parts[prefix]
+            shape = tuple(int(x) for x in got["weight_shape"].tolist())
+            g = from_compressed(got["weight_packed"], got["weight_scale"],
+                                got["weight_zero_point"], (shape[0], shape[1]))
+            name = spec.original_name(prefix)
+            writer.add(f"{name}.qweight", g.qweight)
+            writer.add(f"{name}.qzeros", g.qzeros)
+            writer.add(f"{name}.scales", g.scales)
+            report.quantized_layers += 1
+            report.inexact_scales += g.inexact_scales
+            m = _LAYER.search(key)
+            if progress is not None and m and int(m.group(1)) != layer_seen:
+                layer_seen = int(m.group(1))
+                progress.update(1)
+        else:
+            tensor = f.get_tensor(key)
+            if tensor.is_floating_point():
+                tensor = tensor.to(torch.float16)  # AWQ GEMM checkpoints are fp16 throughout
+            writer.add(spec.original_name(key), tensor)
+            report.kept_tensors.append(spec.original_name(key))
+    if parts:
+        raise RuntimeError(f"incomplete quantized tensors for {sorted(parts)[:3]}")
+    writer.close()
+    report.bytes = writer.total
+    config = json.loads((ct_dir / "config.json").read_text())
+    config.pop("quantization_config", None)
+    config["quantization_config"] = awq_config(spec, group_size)
+    config["torch_dtype"] = "float16"  # what older readers (TGI, transformers 4) look at
+    config["dtype"] = "float16"
+    (out / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
+    return report
+
+
+def copy_tokenizer(model_dir: Path, out: Path, template_source: str | None) -> None:
+    """Tokenizer files and generation config from the original; the chat template if absent."""
+    for name in TOKENIZER_FILES:
+        if (model_dir / name).is_file():
+            shutil.copy2(model_dir / name, out / name)
+    tok_cfg = out / "tokenizer_config.json"
+    has_template = (out / "chat_template.jinja").exists() or (
+        tok_cfg.is_file() and "chat_template" in json.loads(tok_cfg.read_text()))
+    if template_source and not has_template:
+        # The preset's format travels with the checkpoint, so vLLM / TGI / transformers apply it.
+        (out / "chat_template.jinja").write_text(template_source, encoding="utf-8")
+    if not (out / "generation_config.json").exists():
+        config = json.loads((model_dir / "config.json").read_text())
+        gen = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in config}
+        (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
+
+
+def dir_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())

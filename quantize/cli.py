@@ -1,0 +1,85 @@
+"""`moegi-quantize`: AWQ-quantize a model, or verify a quantized checkpoint.
+
+    moegi-quantize MODEL_DIR OUT_DIR [--format awq-gemm|compressed-tensors] [--calib FILE.jsonl]
+                   [--num-samples N] [--seq-len L] [--group-size G] [--overwrite]
+    moegi-quantize verify OUT_DIR --original MODEL_DIR [--eval FILE.jsonl]
+
+MODEL_DIR may also name one of the project's tiny test models (tiny-mixtral, tiny-text, ...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from quantize import run as runner
+from quantize.calibration import CalibrationError
+from quantize.mappings import UnsupportedArchitecture
+
+
+def _model_path(arg: str) -> Path:
+    path = Path(arg)
+    if path.exists() or "/" in arg:
+        return path
+    from serve.tiny.build import BUILDERS, ensure_model
+
+    return ensure_model(arg) if arg in BUILDERS else path
+
+
+def quantize_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="moegi-quantize", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", help="a local Hugging Face model folder (or a tiny test model name)")
+    p.add_argument("out", type=Path, help="output folder (must not exist unless --overwrite)")
+    p.add_argument("--format", choices=runner.FORMATS, default="awq-gemm")
+    p.add_argument("--method", choices=("awq", "rtn"), default="awq",
+                   help="rtn: plain round-to-nearest, for comparison")
+    p.add_argument("--calib", type=Path, help='JSONL of {"text": ...} or {"messages": [...]}; '
+                   "default: the built-in Japanese + English set")
+    p.add_argument("--num-samples", type=int, default=128)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--group-size", type=int, default=128)
+    p.add_argument("--max-shard-gb", type=float, default=4.0)
+    p.add_argument("--overwrite", action="store_true")
+    return p
+
+
+def verify_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="moegi-quantize verify")
+    p.add_argument("checkpoint", type=Path)
+    p.add_argument("--original", required=True, help="the unquantized model folder")
+    p.add_argument("--eval", type=Path, help="held-out JSONL; default: the built-in ja+en text")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if args[:1] == ["verify"]:
+            from quantize.verify import VerifyError, verify
+
+            v = verify_parser().parse_args(args[1:])
+            try:
+                report = verify(v.checkpoint, _model_path(v.original), v.eval)
+            except VerifyError as exc:
+                print(f"verify FAILED: {exc}", file=sys.stderr)
+                return 1
+            print(report.table())
+            print("verify passed")
+            return 0
+        a = quantize_parser().parse_args(args)
+        opts = runner.Options(_model_path(a.model), a.out, a.format, a.method, a.calib,
+                              a.num_samples, a.seq_len, a.group_size, a.overwrite, a.max_shard_gb)
+        result = runner.quantize(opts)
+    except (runner.QuantizeError, UnsupportedArchitecture, CalibrationError) as exc:
+        print(f"moegi-quantize: {exc}", file=sys.stderr)
+        return 2
+    gpu = f", peak GPU {result.peak_gpu_gb:.1f} GiB" if result.peak_gpu_gb is not None else ""
+    print(f"wrote {result.out} ({result.size_bytes / 2**20:.1f} MiB) in {result.seconds:.1f} s "
+          f"on {result.device}; peak RSS {result.peak_rss_gb:.2f} GiB{gpu}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

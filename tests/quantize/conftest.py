@@ -1,0 +1,40 @@
+"""Quantization fixtures (quantize environment): tiny models quantized once per session."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from serve.tiny.build import ensure_model
+
+
+def quantize_keeping_compressed(model: str, out: Path, keep: Path, **kw: Any) -> Any:
+    """Run a quantization and keep a copy of llm-compressor's own output for bit checks."""
+    from quantize import verify
+    from quantize.run import Options, quantize
+
+    real = verify.check_repack
+
+    def spy(ct_dir: Path, gemm_dir: Path, spec: Any) -> int:
+        shutil.copytree(ct_dir, keep)
+        return real(ct_dir, gemm_dir, spec)
+
+    verify.check_repack = spy  # type: ignore[assignment]
+    try:
+        return quantize(Options(ensure_model(model), out, **kw))
+    finally:
+        verify.check_repack = real  # type: ignore[assignment]
+
+
+@pytest.fixture(scope="session")
+def awq_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Path, Any]]:
+    """{name: (AWQ GEMM checkpoint, llm-compressor output, result)} for the tiny models."""
+    root = tmp_path_factory.mktemp("awq")
+    out = {}
+    for name in ("tiny-llama", "tiny-mixtral"):
+        result = quantize_keeping_compressed(name, root / name, root / f"{name}-ct", num_samples=16)
+        out[name] = (root / name, root / f"{name}-ct", result)
+    return out

@@ -1,0 +1,146 @@
+"""End-to-end quantization of the tiny models through llm-compressor (CPU), checked from disk."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from quantize import card, verify
+from quantize.cli import main as cli
+from quantize.gemm import unpack_gemm
+from quantize.mappings import lookup
+from quantize.run import Options, QuantizeError, quantize
+from serve.tiny.build import ensure_model
+
+AWQ_CONFIG = {"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True,
+              "version": "gemm"}
+
+
+def tensors(folder: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for shard in folder.glob("*.safetensors"):
+        with safe_open(str(shard), "pt") as f:
+            for k in f.keys():  # noqa: SIM118
+                out[k] = f.get_tensor(k)
+    return out
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-mixtral"])
+def test_gemm_layout_and_config(awq_dirs: dict[str, Any], name: str) -> None:
+    out, _, result = awq_dirs[name]
+    config = json.loads((out / "config.json").read_text())
+    qc = config["quantization_config"]
+    assert {k: qc[k] for k in AWQ_CONFIG} == AWQ_CONFIG
+    t = tensors(out)
+    layer = "model.layers.1."
+    if name == "tiny-mixtral":
+        assert qc["modules_to_not_convert"] == ["gate"]
+        for w, shape in (("w1", (128, 32)), ("w3", (128, 32)), ("w2", (256, 16))):
+            key = f"{layer}block_sparse_moe.experts.3.{w}"
+            assert t[f"{key}.qweight"].shape == shape and t[f"{key}.qweight"].dtype == torch.int32
+            assert t[f"{key}.scales"].dtype == torch.float16
+        assert t[f"{layer}block_sparse_moe.gate.weight"].dtype == torch.float16  # router kept
+        assert not any("gate_proj" in k or "up_proj" in k for k in t)
+    else:
+        assert qc["modules_to_not_convert"] is None
+        assert t[f"{layer}mlp.gate_proj.qweight"].shape == (128, 32)  # [in, out/8]
+        assert t[f"{layer}mlp.down_proj.qzeros"].shape == (2, 16)  # [in/G, out/8]
+        assert t[f"{layer}mlp.down_proj.scales"].shape == (2, 128)  # [in/G, out]
+    assert "lm_head.weight" in t and not any(k.startswith("lm_head.q") for k in t)
+    assert not any(k.endswith(("weight_packed", "weight_scale")) for k in t)
+    assert result.report.inexact_scales == 0
+    for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "README.md"):
+        assert (out / f).is_file(), f
+    assert not list(out.parent.glob(f".{name}.partial-*"))
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-mixtral"])
+def test_repack_is_bit_exact(awq_dirs: dict[str, Any], name: str) -> None:
+    out, ct, _ = awq_dirs[name]
+    spec = lookup(json.loads((ct / "config.json").read_text())["architectures"][0])
+    checked = verify.check_repack(ct, out, spec)
+    assert checked == (2 * (4 + 4 * 3) if name == "tiny-mixtral" else 2 * 7)
+    # And the check can fail: one flipped nibble is caught.
+    tampered = out.parent / f"{name}-tampered"
+    tampered.mkdir()
+    t = tensors(out)
+    key = next(k for k in t if k.endswith(".qweight"))
+    t[key] = t[key].clone()
+    t[key][0, 0] ^= 1
+    from safetensors.torch import save_file
+
+    save_file(t, str(tampered / "model.safetensors"))
+    with pytest.raises(verify.VerifyError, match="repacked weights differ"):
+        verify.check_repack(ct, tampered, spec)
+    assert unpack_gemm(t[key]).max() <= 15
+
+
+def test_model_card(awq_dirs: dict[str, Any]) -> None:
+    out, _, result = awq_dirs["tiny-mixtral"]
+    text = (out / "README.md").read_text()
+    for needle in ("| Bits | 4 |", "| Group size | 128 |", "| Zero point | yes", "Calibration data",
+                   "built-in moegi set", f"{len(result.calib.samples)} sequences",
+                   "Size on disk", "moegi-serve --model", "vllm serve", "text-generation-inference",
+                   "AutoModelForCausalLM.from_pretrained", "routers (`gate`)"):
+        assert needle in text, needle
+    meta = json.loads((out / "moegi-quantize.json").read_text())
+    assert meta["calibration_samples"] == 16 and meta["calibration_tokens"] > 100
+
+
+def test_existing_output_is_refused(awq_dirs: dict[str, Any], capsys: Any) -> None:
+    out, _, _ = awq_dirs["tiny-llama"]
+    before = (out / "config.json").read_bytes()
+    assert cli(["tiny-llama", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "already exists" in err and "--overwrite" in err
+    assert (out / "config.json").read_bytes() == before
+    with pytest.raises(QuantizeError, match="--overwrite"):
+        quantize(Options(ensure_model("tiny-llama"), out))
+
+
+def test_unsupported_architecture_fails_before_loading(tmp_path: Path, capsys: Any) -> None:
+    model = tmp_path / "gpt2"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"]}))
+    assert cli([str(model), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "GPT2LMHeadModel" in err and "MixtralForCausalLM" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_interrupted_run_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def boom(*_: Any) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(card, "write_card", boom)
+    with pytest.raises(KeyboardInterrupt):
+        quantize(Options(ensure_model("tiny-llama"), tmp_path / "out", num_samples=4))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_compressed_tensors_format(tmp_path: Path) -> None:
+    out = tmp_path / "ct"
+    quantize(Options(ensure_model("tiny-mixtral"), out, format="compressed-tensors", num_samples=4))
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "compressed-tensors" and qc["format"] == "pack-quantized"
+    assert any(k.endswith("weight_packed") for k in tensors(out))
+    assert "compressed-tensors" in (out / "README.md").read_text()
+
+
+def test_verify_awq_beats_round_to_nearest(tmp_path: Path, capsys: Any) -> None:
+    """The quality check on a model trained on text: the table goes in the README."""
+    out = tmp_path / "tiny-text-awq"
+    assert cli(["tiny-text", str(out)]) == 0
+    report = verify.verify(out, ensure_model("tiny-text"))
+    with capsys.disabled():
+        print("\n" + report.table())
+    ppl = report.ppl
+    assert ppl["original"]["all"] < ppl["awq"]["all"] < ppl["rtn"]["all"]
+    assert report.kl <= verify.MAX_MEAN_KL and report.top1 >= verify.MIN_TOP1
+    assert report.recovered() > 0.3
+    assert cli(["verify", str(out), "--original", "tiny-text"]) == 0
