@@ -27,7 +27,7 @@ export VLLM_CPU_KVCACHE_SPACE ?= 1
 export HF_HUB_OFFLINE ?= 1
 export PIP_DISABLE_PIP_VERSION_CHECK ?= 1
 
-.PHONY: serve test lint unit integration install models clean quantize-env quantize test-quantize
+.PHONY: serve test lint unit integration install models clean quantize-env quantize test-quantize prometheus
 
 install: $(STAMP)
 
@@ -52,6 +52,14 @@ quantize: $(QSTAMP)
 	@test -n "$(MODEL)" -a -n "$(OUT)" || { echo "usage: make quantize MODEL=<model dir> OUT=<output dir> [QARGS=...]"; exit 2; }
 	$(QBIN)/moegi-quantize $(MODEL) $(OUT) $(QARGS)
 
+# A real Prometheus for the dashboard test (Debian's package; Grafana has none, so the test runs
+# every panel's PromQL through Prometheus instead).
+prometheus:
+	@command -v prometheus >/dev/null || { \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends prometheus; }
+
 models: $(STAMP)
 	$(BIN)/python -m serve.tiny.build
 
@@ -65,13 +73,13 @@ lint: $(STAMP)
 unit: $(STAMP)
 	$(BIN)/python -m pytest -q tests/unit
 
-integration: $(STAMP) $(QSTAMP)
+integration: $(STAMP) $(QSTAMP) prometheus models
 	$(BIN)/python -m pytest -q tests/integration
 
 test-quantize: $(QSTAMP) models
 	$(QBIN)/python -m pytest -q tests/quantize
 
-test: lint models $(QSTAMP)
+test: lint models $(QSTAMP) prometheus
 	$(QBIN)/python -m pytest -q tests/quantize
 	$(BIN)/python -m pytest -q tests
 

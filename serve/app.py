@@ -20,8 +20,9 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from serve import metrics
 from serve.engine import Engine, EngineDeadError
-from serve.errors import APIError, error_body, error_response, install_handlers
+from serve.errors import APIError, error_body, error_response, error_type, install_handlers
 from serve.protocol import ChatCompletionRequest, CompletionRequest
 from serve.serving import SSE_DONE, ServedModel, sse
 from serve.serving_chat import chat_completion
@@ -63,17 +64,28 @@ def _version(dist: str) -> str | None:
         return None
 
 
-async def _guard(state: AppState, chunks: AsyncIterator[str]) -> AsyncIterator[str]:
-    """After a stream has answered 200, an error goes out as an SSE data chunk, then [DONE]."""
+async def _guard(state: AppState, route: str, chunks: AsyncIterator[str]) -> AsyncIterator[str]:
+    """After a stream has answered 200, an error goes out as an SSE data chunk, then [DONE].
+
+    A stream that is cancelled or closed before its end lost its client (the engine request
+    is aborted by `serving.run`)."""
+    model = state.model.name if state.model else "none"
+    ended = False
     try:
         async for chunk in chunks:
             yield chunk
+        ended = True
     except (APIError, EngineDeadError) as exc:
+        ended = True
         if isinstance(exc, EngineDeadError):
             state.mark_dead(exc)
         status = exc.status if isinstance(exc, APIError) else 503
+        metrics.ERRORS.labels(route, model, error_type(status)).inc()
         yield sse(json.dumps(error_body(str(exc), status)))
         yield SSE_DONE
+    finally:
+        if not ended:
+            metrics.DISCONNECTS.labels(route, model).inc()
 
 
 async def _until_disconnect(request: Request) -> None:
@@ -92,6 +104,8 @@ async def _respond(state: AppState, request: Request,
         watch.cancel()
     if task not in done:
         task.cancel()  # cancels the engine run, whose `finally` aborts the request
+        metrics.DISCONNECTS.labels(metrics.route_of(request.url.path),
+                                   state.model.name if state.model else "none").inc()
         return Response(status_code=499)
     try:
         result = task.result()
@@ -100,7 +114,8 @@ async def _respond(state: AppState, request: Request,
         raise
     if isinstance(result, dict):
         return JSONResponse(result)
-    return StreamingResponse(_guard(state, result), media_type="text/event-stream",
+    return StreamingResponse(_guard(state, metrics.route_of(request.url.path), result),
+                             media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
@@ -109,12 +124,14 @@ def create_app(state: AppState) -> FastAPI:
                   description="OpenAI-compatible server for merged Japanese LLMs on vLLM.")
     app.state.moegi = state
     install_handlers(app)
-    # vLLM's engine registers its `vllm:*` metrics in prometheus_client's default registry.
-    # /metrics sits behind --api-key like every route but /health (Prometheus sends the key with
-    # `authorization: {credentials: ...}` in its scrape config).
-    from prometheus_client import make_asgi_app
+    # vLLM's engine registers its `vllm:*` metrics in prometheus_client's default registry,
+    # beside moegi's `moegi_*` (serve/metrics.py). /metrics sits behind --api-key like every
+    # route but /health (Prometheus sends the key with `authorization: {credentials_file: ...}`).
+    from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
-    app.mount("/metrics", make_asgi_app())
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus_metrics() -> Response:
+        return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
     key_digest = hashlib.sha256(state.api_key.encode()).digest() if state.api_key else None
 
     @app.middleware("http")
@@ -131,6 +148,12 @@ def create_app(state: AppState) -> FastAPI:
                     "server's --api-key", 401, code="invalid_api_key"),
                     headers={"WWW-Authenticate": "Bearer"})
         return await call_next(request)
+
+    # Outermost, so it also counts the 401s of `auth` above; /metrics and /health unmetered.
+    app.add_middleware(metrics.MetricsMiddleware,
+                       model=lambda: state.model.name if state.model else "none")
+    if state.model is not None:
+        metrics.set_model_info(state.model)
 
     @app.get("/health")
     async def health() -> Response:

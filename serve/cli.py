@@ -8,10 +8,13 @@ engine ends the process with exit code 1.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
+from serve import metrics
 from serve.app import AppState, create_app
 from serve.config import EngineConfig, ServerConfig, parse
 from serve.serving import ServedModel
@@ -19,6 +22,10 @@ from serve.serving import ServedModel
 log = logging.getLogger("moegi")
 
 DEFAULT_MODEL = "tiny-chat"  # the embedded model built by serve/tiny (see README)
+
+
+def served_name(server: ServerConfig, engine: EngineConfig) -> str:
+    return server.served_model_name or Path(engine.model.rstrip("/")).name
 
 
 def load_model(server: ServerConfig, engine: EngineConfig, max_model_len: int) -> ServedModel:
@@ -29,8 +36,7 @@ def load_model(server: ServerConfig, engine: EngineConfig, max_model_len: int) -
 
     tokenizer = AutoTokenizer.from_pretrained(engine.tokenizer or engine.model,
                                               trust_remote_code=engine.trust_remote_code)
-    name = server.served_model_name or Path(engine.model.rstrip("/")).name
-    return resolve(server, engine, tokenizer, name, max_model_len)
+    return resolve(server, engine, tokenizer, served_name(server, engine), max_model_len)
 
 
 async def _serve(server_cfg: ServerConfig, engine_cfg: EngineConfig) -> int:
@@ -38,15 +44,29 @@ async def _serve(server_cfg: ServerConfig, engine_cfg: EngineConfig) -> int:
 
     from serve.vllm_engine import VllmEngine
 
+    class Server(uvicorn.Server):
+        """Ends the engine inside uvicorn's shutdown: once `serve()` returns, uvicorn re-raises
+        the SIGTERM/SIGINT it caught, and the process would die before code after it ran."""
+
+        async def shutdown(self, sockets: Any = None) -> None:
+            await super().shutdown(sockets)
+            for engine in loaded:
+                await asyncio.to_thread(engine.shutdown)
+            await asyncio.to_thread(_reap_children)
+
+    loaded: list[VllmEngine] = []
     state = AppState(api_key=server_cfg.api_key)
     app = create_app(state)
-    server = uvicorn.Server(uvicorn.Config(app, host=server_cfg.host, port=server_cfg.port,
-                                           log_level=server_cfg.log_level, access_log=False))
+    server = Server(uvicorn.Config(app, host=server_cfg.host, port=server_cfg.port,
+                                   log_level=server_cfg.log_level, access_log=False))
     state.on_dead = lambda: setattr(server, "should_exit", True)
     serving = asyncio.create_task(server.serve())
     try:
-        engine = await asyncio.to_thread(VllmEngine, engine_cfg)
+        # vLLM labels its metrics with this name, so dashboards filter both families alike.
+        engine = await asyncio.to_thread(VllmEngine, engine_cfg, served_name(server_cfg, engine_cfg))
+        loaded.append(engine)
         state.model = load_model(server_cfg, engine_cfg, engine.max_model_len)
+        metrics.set_model_info(state.model)
         state.engine = engine
         log.info("serving %s as %r on http://%s:%d (template: %s)", engine_cfg.model,
                  state.model.name, server_cfg.host, server_cfg.port, state.model.template_name)
@@ -55,9 +75,26 @@ async def _serve(server_cfg: ServerConfig, engine_cfg: EngineConfig) -> int:
         state.dead = True
         server.should_exit = True
     await serving
-    if state.engine is not None:
-        engine.shutdown()
     return 1 if state.dead else 0
+
+
+def _reap_children(timeout: float = 10.0) -> None:
+    """End every process the engine started (vLLM's engine core and its workers).
+
+    On SIGTERM (docker stop, a Kubernetes rollout) vLLM's shutdown ends the engine core but its
+    `VLLM::Worker` grandchild stayed alive holding the model's memory; the server must not
+    exit before its whole process tree has.
+    """
+    import psutil
+
+    children = psutil.Process().children(recursive=True)
+    for child in children:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.terminate()
+    _, alive = psutil.wait_procs(children, timeout=timeout)
+    for child in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.kill()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -46,11 +46,15 @@ class APIError(Exception):
         return error_body(self.message, self.status, self.param, self.code)
 
 
+def error_type(status: int) -> str:
+    """The OpenAI error `type` for an HTTP status."""
+    return _TYPE_BY_STATUS.get(status, "server_error" if status >= 500 else "invalid_request_error")
+
+
 def error_body(
     message: str, status: int, param: str | None = None, code: str | None = None
 ) -> dict[str, Any]:
-    kind = _TYPE_BY_STATUS.get(status, "server_error" if status >= 500 else "invalid_request_error")
-    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    return {"error": {"message": message, "type": error_type(status), "param": param, "code": code}}
 
 
 def error_response(err: APIError, headers: Mapping[str, str] | None = None) -> JSONResponse:

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from serve import metrics
 from serve.engine import Engine, EngineStep, SamplingSpec, TokenLogprobs
 from serve.errors import APIError
 from serve.stops import StopPolicy
@@ -134,12 +135,18 @@ async def run(
     """Drive one engine request; yield gated events per step. Aborts the request if abandoned."""
     gates = [TextGate(spec.stop, keep_stop=keep_stop, trim=trim) for _ in range(spec.n)]
     finished = False
+    start = time.perf_counter()
+    first_token = True
     try:
         async for step in engine.generate(prompt_ids, spec, request_id):
             usage.prompt_tokens = step.num_prompt_tokens
             events = []
             for c in step.choices:
                 usage.completion_tokens += len(c.token_ids)
+                if first_token and c.token_ids:
+                    metrics.TIME_TO_FIRST_TOKEN.labels(model.name).observe(
+                        time.perf_counter() - start)
+                    first_token = False
                 gate = gates[c.index]
                 if c.finish_reason is None:
                     events.append(ChoiceEvent(c.index, gate.push(c.text), c.logprobs))
@@ -148,12 +155,15 @@ async def run(
                 stop = c.stop_reason if isinstance(c.stop_reason, str) else None
                 text, trimmed = gate.finish(c.text, stop, length)
                 stop_type = model.stops.classify(c.finish_reason, c.stop_reason, trimmed)
-                events.append(ChoiceEvent(c.index, text, c.logprobs,
-                                          "length" if length and not trimmed else "stop",
-                                          stop_type, c.stop_reason))
+                reason = "length" if length and not trimmed else "stop"
+                metrics.observe_finish(model.name, reason, stop_type)
+                events.append(ChoiceEvent(c.index, text, c.logprobs, reason, stop_type,
+                                          c.stop_reason))
             yield events, step
         finished = True
     finally:
+        if usage.prompt_tokens:
+            metrics.observe_usage(model.name, usage.prompt_tokens, usage.completion_tokens)
         if not finished:
             # Client gone or task cancelled: free the engine's slot at once.
             await asyncio.shield(engine.abort(request_id))

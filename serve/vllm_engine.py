@@ -37,13 +37,15 @@ def _logprobs(entries: Any, chosen: list[int], k: int) -> list[TokenLogprobs]:
 class VllmEngine:
     """`Engine` on vLLM's AsyncLLM (V1)."""
 
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, served_model_name: str | None = None) -> None:
         # Imported here so that importing this module (for --help, say) stays cheap.
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         args = {k: v for k, v in dataclasses.asdict(config).items() if v is not None}
+        if served_model_name:
+            args["served_model_name"] = served_model_name  # the model_name label of vllm:*
         self.model_path = config.model
         self._llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**args))
         self.max_model_len: int = self._llm.model_config.max_model_len

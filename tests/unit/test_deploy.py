@@ -1,0 +1,128 @@
+"""Deployment files: Dockerfiles pass hadolint; Compose, Prometheus, Grafana provisioning, the
+dashboard and the Kubernetes manifests agree with each other (ports, names, paths, uids)."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
+
+
+class _Loader(yaml.SafeLoader):
+    """Compose's `!reset` tag parses as an empty value."""
+
+
+_Loader.add_constructor("!reset", lambda loader, node: None)
+
+
+def load(path: Path) -> Any:
+    return yaml.load(path.read_text(), Loader=_Loader)  # a SafeLoader subclass: safe
+
+
+@pytest.mark.parametrize("dockerfile", ["Dockerfile", "Dockerfile.cpu"])
+def test_dockerfiles_pass_hadolint_and_run_as_non_root(dockerfile: str) -> None:
+    hadolint = shutil.which("hadolint") or str(Path(sys.executable).with_name("hadolint"))
+    done = subprocess.run([hadolint, str(DEPLOY / dockerfile)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    text = (DEPLOY / dockerfile).read_text()
+    assert re.search(r"^USER 1000$", text, re.M)
+    assert "HEALTHCHECK" in text and "/health" in text and "EXPOSE 8000" in text
+    assert 'ENTRYPOINT ["moegi-serve"]' in text and "MOEGI_HOST=0.0.0.0" in text
+    if dockerfile == "Dockerfile":
+        assert "vllm/vllm-openai:v0.32.0" in text  # vLLM's CUDA build of the pinned release
+    else:
+        assert "'.[cpu]'" in text and "torchvision" in text
+
+
+def test_compose_is_consistent() -> None:
+    raw = (DEPLOY / "compose.yaml").read_text()
+    compose = load(DEPLOY / "compose.yaml")
+    services = compose["services"]
+    assert set(services) == {"moegi", "prometheus", "grafana"}
+    for name, svc in services.items():
+        assert "healthcheck" in svc, name
+        for dep in (svc.get("depends_on") or {}).values():
+            assert dep["condition"] == "service_healthy", name
+        for vol in svc.get("volumes", []):
+            src = vol.split(":")[0]
+            if src.startswith("."):
+                assert (DEPLOY / src).exists(), f"{name}: {src} does not exist"
+    # Secrets are required, never defaulted.
+    for var in ("MOEGI_API_KEY", "GRAFANA_ADMIN_PASSWORD"):
+        assert re.search(r"\$\{" + var + r":\?[^}]+\}", raw), var
+        assert not re.search(r"\$\{" + var + r":-", raw), var
+    moegi = services["moegi"]
+    assert moegi["deploy"]["resources"]["reservations"]["devices"][0]["driver"] == "nvidia"
+    assert "8000:8000" in moegi["ports"] and "/health" in " ".join(moegi["healthcheck"]["test"])
+    assert (DEPLOY.parent / moegi["build"]["dockerfile"]).resolve() == DEPLOY / "Dockerfile"
+    # Prometheus scrapes the moegi service on its port, with the key from the Compose secret.
+    prom_mount = next(v for v in services["prometheus"]["volumes"] if "prometheus.yml" in v)
+    prom = load(DEPLOY / prom_mount.split(":")[0])
+    job = prom["scrape_configs"][0]
+    assert job["static_configs"][0]["targets"] == ["moegi:8000"] and job["metrics_path"] == "/metrics"
+    secret = services["prometheus"]["secrets"][0]
+    assert job["authorization"]["credentials_file"] == f"/run/secrets/{secret}"
+    assert compose["secrets"][secret]["environment"] == "MOEGI_API_KEY"
+    # Grafana: provisioning and dashboards mounted where its provider config says.
+    mounts = dict(v.split(":")[:2] for v in services["grafana"]["volumes"] if v.startswith("."))
+    datasource = load(DEPLOY / "grafana/provisioning/datasources/prometheus.yaml")["datasources"][0]
+    assert datasource["url"] == "http://prometheus:9090" and "9090:9090" in services["prometheus"]["ports"]
+    provider = load(DEPLOY / "grafana/provisioning/dashboards/moegi.yaml")["providers"][0]
+    assert mounts["./grafana/dashboards"] == provider["options"]["path"]
+    assert mounts["./grafana/provisioning"] == "/etc/grafana/provisioning"
+    home = services["grafana"]["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
+    assert (DEPLOY / "grafana/dashboards" / Path(home).name).is_file()
+    cpu = load(DEPLOY / "compose.cpu.yaml")["services"]["moegi"]
+    assert cpu["build"]["dockerfile"] == "deploy/Dockerfile.cpu" and cpu["deploy"] is None
+
+
+def test_dashboard_uses_the_provisioned_datasource() -> None:
+    uid = load(DEPLOY / "grafana/provisioning/datasources/prometheus.yaml")["datasources"][0]["uid"]
+    dash = json.loads((DEPLOY / "grafana/dashboards/moegi.json").read_text())
+    assert [v["name"] for v in dash["templating"]["list"]] == ["model", "instance"]
+    ids = [p["id"] for p in dash["panels"]]
+    assert len(ids) == len(set(ids)) >= 12
+    titles = " ".join(p["title"] for p in dash["panels"]).lower()
+    for topic in ("throughput", "first token", "inter-token", "end-to-end", "running", "kv-cache",
+                  "stop reasons", "error", "streams", "prompt length", "generation length"):
+        assert topic in titles, topic
+    for p in dash["panels"]:
+        assert p["datasource"]["uid"] == uid and p["targets"], p["title"]
+        for t in p["targets"]:
+            assert t["datasource"]["uid"] == uid
+            assert "$instance" in t["expr"] and "$model" in t["expr"], t["expr"]
+
+
+def test_kubernetes_manifests() -> None:
+    docs = [d for f in sorted((DEPLOY / "k8s").glob("*.yaml"))
+            for d in yaml.safe_load_all(f.read_text())]
+    kinds = {d["kind"]: d for d in docs}
+    assert set(kinds) == {"Deployment", "Service", "ServiceMonitor"}
+    deploy, service, monitor = kinds["Deployment"], kinds["Service"], kinds["ServiceMonitor"]
+    assert deploy["spec"]["replicas"] >= 2
+    pod = deploy["spec"]["template"]
+    container = pod["spec"]["containers"][0]
+    port = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert port == {"http": 8000}
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert container[probe]["httpGet"] == {"path": "/health", "port": "http"}, probe
+    assert container["resources"]["limits"]["nvidia.com/gpu"] >= 1
+    key = next(e for e in container["env"] if e["name"] == "MOEGI_API_KEY")["valueFrom"]
+    assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
+    labels = pod["metadata"]["labels"]
+    assert deploy["spec"]["selector"]["matchLabels"] == labels == service["spec"]["selector"]
+    svc_port = service["spec"]["ports"][0]
+    assert svc_port["targetPort"] == "http" and svc_port["port"] == 8000
+    endpoint = monitor["spec"]["endpoints"][0]
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    assert endpoint["port"] == svc_port["name"] and endpoint["path"] == "/metrics"
+    assert endpoint["authorization"]["credentials"] == key["secretKeyRef"]
