@@ -37,7 +37,7 @@ def render_card(opts: Any, result: Any) -> str:
         f"# {name}",
         "",
         f"4-bit {method} quantization of `{base}` ({spec.architecture}), made with "
-        f"[moegi](https://github.com/moegi) `moegi-quantize` on llm-compressor "
+        f"moegi's `moegi-quantize` on llm-compressor "
         f"{_version('llmcompressor')}.",
         "",
         "## Quantization",
@@ -64,9 +64,11 @@ def render_card(opts: Any, result: Any) -> str:
         "",
         "## Prompt format",
         "",
-        f"{c.prompt_format}. The template is shipped in this folder's tokenizer files "
-        "(`chat_template.jinja` when the original tokenizer had none), so the commands below "
-        "apply it to chat requests.",
+        (f"{c.prompt_format}. The template is shipped in this folder's tokenizer files "
+         "(`chat_template.jinja` when the original tokenizer had none), so the commands below "
+         "apply it to chat requests." if not c.prompt_format.startswith("plain text") else
+         "No chat template: the original tokenizer has none and no moegi preset matches the "
+         "model's name. Serve it with `--chat-template NAME` (or `--preset NAME`) to choose one."),
         "",
         "## Run it",
         "",
