@@ -66,7 +66,16 @@ def check_options(opts: Options) -> ArchSpec:
         raise QuantizeError(f"{opts.out} already exists; choose another --out or pass --overwrite")
     if opts.num_samples < 1 or opts.seq_len < 2:
         raise QuantizeError("--num-samples must be >= 1 and --seq-len >= 2")
-    return mappings.for_model(opts.model)
+    if opts.calib is not None and not opts.calib.is_file():
+        raise QuantizeError(f"--calib {opts.calib}: no such file")
+    spec = mappings.for_model(opts.model)
+    config = json.loads((opts.model / "config.json").read_text())
+    # Every quantized layer reads hidden_size or intermediate_size inputs; groups must tile them.
+    widths = {config.get("hidden_size"), config.get("intermediate_size")} - {None}
+    if opts.group_size < 8 or any(int(w) % opts.group_size for w in widths):
+        raise QuantizeError(f"--group-size {opts.group_size} must divide the layer widths "
+                            f"{sorted(widths)}; 128 (the default) fits Llama, Mistral and Mixtral")
+    return spec
 
 
 def recipe(spec: ArchSpec, method: str, group_size: int) -> list[Any]:

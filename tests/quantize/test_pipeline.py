@@ -113,6 +113,17 @@ def test_unsupported_architecture_fails_before_loading(tmp_path: Path, capsys: A
     assert not (tmp_path / "out").exists()
 
 
+def test_bad_options_fail_before_loading(tmp_path: Path, capsys: Any) -> None:
+    out = tmp_path / "out"
+    assert cli(["tiny-llama", str(out), "--group-size", "100"]) == 2
+    assert "--group-size 100 must divide the layer widths [128, 256]" in capsys.readouterr().err
+    assert cli(["tiny-llama", str(out), "--calib", str(tmp_path / "missing.jsonl")]) == 2
+    assert "no such file" in capsys.readouterr().err
+    assert cli([str(tmp_path), str(out)]) == 2
+    assert "no config.json" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_interrupted_run_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     def boom(*_: Any) -> None:
         raise KeyboardInterrupt
