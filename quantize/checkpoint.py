@@ -12,7 +12,7 @@ import json
 import re
 import shutil
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,20 +29,55 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
 
 
+QUANT_LEAVES = frozenset({"weight_packed", "weight_scale", "weight_zero_point", "weight_shape"})
+
+
 @dataclass
 class WriteReport:
-    quantized_layers: int = 0
-    kept_tensors: list[str] = field(default_factory=list)
     inexact_scales: int = 0
-    bytes: int = 0
 
 
-def ct_tensors(ct_dir: Path) -> Iterator[tuple[str, Any]]:
-    """(name, open safetensors handle) for every tensor of a compressed-tensors folder."""
+@dataclass
+class PackedLinear:
+    """One quantized linear layer as llm-compressor saved it (pack-quantized)."""
+
+    name: str  # llm-compressor's module name
+    packed: torch.Tensor
+    scale: torch.Tensor
+    zero_point: torch.Tensor
+    shape: tuple[int, int]  # (out, in)
+
+
+def ct_entries(ct_dir: Path) -> Iterator[tuple[str, torch.Tensor] | PackedLinear]:
+    """Every tensor of a compressed-tensors folder, streamed; the four tensors of a quantized
+    linear come together as one `PackedLinear`, the others as (name, tensor)."""
+    parts: dict[str, dict[str, torch.Tensor]] = {}
     for shard in sorted(ct_dir.glob("*.safetensors")):
         with safe_open(str(shard), "pt") as f:
             for key in f.keys():  # noqa: SIM118 - safe_open handles are not mappings
-                yield key, f
+                prefix, _, leaf = key.rpartition(".")
+                if leaf not in QUANT_LEAVES:
+                    yield key, f.get_tensor(key)
+                    continue
+                got = parts.setdefault(prefix, {})
+                got[leaf] = f.get_tensor(key)
+                if len(got) == len(QUANT_LEAVES):
+                    del parts[prefix]
+                    out_f, in_f = (int(x) for x in got["weight_shape"].tolist())
+                    yield PackedLinear(prefix, got["weight_packed"], got["weight_scale"],
+                                       got["weight_zero_point"], (out_f, in_f))
+    if parts:
+        raise RuntimeError(f"incomplete quantized tensors for {sorted(parts)[:3]}")
+
+
+def read_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a folder's safetensors shards."""
+    out = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(shard), "pt") as f:
+            for key in f.keys():  # noqa: SIM118
+                out[key] = f.get_tensor(key)
+    return out
 
 
 class ShardWriter:
@@ -101,39 +136,25 @@ def write_gemm(ct_dir: Path, out: Path, spec: ArchSpec, group_size: int,
     """Repack every quantized linear of `ct_dir` into `out` (an existing, empty folder)."""
     report = WriteReport()
     writer = ShardWriter(out, max_shard_bytes)
-    parts: dict[str, dict[str, torch.Tensor]] = {}
     layer_seen = -1
-    for key, f in ct_tensors(ct_dir):
-        prefix, _, leaf = key.rpartition(".")
-        if leaf in ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape"):
-            got = parts.setdefault(prefix, {})
-            got[leaf] = f.get_tensor(key)
-            if len(got) < 4:
-                continue
-            del parts[prefix]
-            shape = tuple(int(x) for x in got["weight_shape"].tolist())
-            g = from_compressed(got["weight_packed"], got["weight_scale"],
-                                got["weight_zero_point"], (shape[0], shape[1]))
-            name = spec.original_name(prefix)
+    for entry in ct_entries(ct_dir):
+        if isinstance(entry, PackedLinear):
+            g = from_compressed(entry.packed, entry.scale, entry.zero_point, entry.shape)
+            name = spec.original_name(entry.name)
             writer.add(f"{name}.qweight", g.qweight)
             writer.add(f"{name}.qzeros", g.qzeros)
             writer.add(f"{name}.scales", g.scales)
-            report.quantized_layers += 1
             report.inexact_scales += g.inexact_scales
-            m = _LAYER.search(key)
+            m = _LAYER.search(entry.name)
             if progress is not None and m and int(m.group(1)) != layer_seen:
                 layer_seen = int(m.group(1))
                 progress.update(1)
         else:
-            tensor = f.get_tensor(key)
+            key, tensor = entry
             if tensor.is_floating_point():
                 tensor = tensor.to(torch.float16)  # AWQ GEMM checkpoints are fp16 throughout
             writer.add(spec.original_name(key), tensor)
-            report.kept_tensors.append(spec.original_name(key))
-    if parts:
-        raise RuntimeError(f"incomplete quantized tensors for {sorted(parts)[:3]}")
     writer.close()
-    report.bytes = writer.total
     config = json.loads((ct_dir / "config.json").read_text())
     config.pop("quantization_config", None)
     config["quantization_config"] = awq_config(spec, group_size)

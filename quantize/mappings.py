@@ -70,7 +70,7 @@ def lookup(architecture: str) -> ArchSpec:
                     tuple(mtnc) if mtnc is not None else None, tuple(fam["rename"].items()))
 
 
-def for_model(model_dir: str | Path) -> ArchSpec:
-    config = json.loads((Path(model_dir) / "config.json").read_text())
+def for_config(config: dict[str, Any]) -> ArchSpec:
+    """The spec for a model's parsed config.json."""
     archs = config.get("architectures") or ["<none in config.json>"]
     return lookup(archs[0])

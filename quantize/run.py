@@ -13,7 +13,7 @@ import resource
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +52,6 @@ class Result:
     device: str
     size_bytes: int
     report: checkpoint.WriteReport | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def check_options(opts: Options) -> ArchSpec:
@@ -68,8 +67,8 @@ def check_options(opts: Options) -> ArchSpec:
         raise QuantizeError("--num-samples must be >= 1 and --seq-len >= 2")
     if opts.calib is not None and not opts.calib.is_file():
         raise QuantizeError(f"--calib {opts.calib}: no such file")
-    spec = mappings.for_model(opts.model)
     config = json.loads((opts.model / "config.json").read_text())
+    spec = mappings.for_config(config)
     # Every quantized layer reads hidden_size or intermediate_size inputs; groups must tile them.
     widths = {config.get("hidden_size"), config.get("intermediate_size")} - {None}
     if opts.group_size < 8 or any(int(w) % opts.group_size for w in widths):

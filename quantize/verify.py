@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from quantize import calibration, gemm
-from quantize.checkpoint import ct_tensors
+from quantize.checkpoint import PackedLinear, ct_entries, read_tensors
 from quantize.mappings import ArchSpec
 
 # The reference forward must agree with the original this closely (mean per-token KL, nats,
@@ -40,35 +40,21 @@ def check_repack(ct_dir: Path, gemm_dir: Path, spec: ArchSpec) -> int:
     """Compare every quantized layer bit for bit; return how many were checked."""
     from compressed_tensors.quantization import QuantizationArgs
     from compressed_tensors.quantization.lifecycle.forward import dequantize as ct_dequantize
-    from safetensors import safe_open
 
-    written: dict[str, torch.Tensor] = {}
-    for shard in sorted(gemm_dir.glob("*.safetensors")):
-        with safe_open(str(shard), "pt") as f:
-            for key in f.keys():  # noqa: SIM118
-                if key.endswith((".qweight", ".qzeros", ".scales")):
-                    written[key] = f.get_tensor(key)
-    parts: dict[str, dict[str, torch.Tensor]] = {}
+    written = read_tensors(gemm_dir)
     checked = 0
-    for key, f in ct_tensors(ct_dir):
-        prefix, _, leaf = key.rpartition(".")
-        if not leaf.startswith("weight_") or leaf == "weight":
+    for layer in ct_entries(ct_dir):
+        if not isinstance(layer, PackedLinear):
             continue
-        got = parts.setdefault(prefix, {})
-        got[leaf] = f.get_tensor(key)
-        if len(got) < 4:
-            continue
-        shape = tuple(int(x) for x in got["weight_shape"].tolist())
-        scale = got["weight_scale"]
-        q, z = gemm.ct_integers(got["weight_packed"], got["weight_zero_point"],
-                                (shape[0], shape[1]), scale.shape[1])
-        name = spec.original_name(prefix)
+        scale = layer.scale
+        q, z = gemm.ct_integers(layer.packed, layer.zero_point, layer.shape, scale.shape[1])
+        name = spec.original_name(layer.name)
         qweight, qzeros, scales = (written[f"{name}.{s}"] for s in ("qweight", "qzeros", "scales"))
         if not torch.equal(gemm.unpack_gemm(qweight).t(), q.to(torch.int32) + 8):
             raise VerifyError(f"{name}: repacked weights differ from llm-compressor's")
         if not torch.equal(gemm.unpack_gemm(qzeros).t(), z.to(torch.int32) + 8):
             raise VerifyError(f"{name}: repacked zero points differ from llm-compressor's")
-        group = shape[1] // scale.shape[1]
+        group = layer.shape[1] // scale.shape[1]
         args = QuantizationArgs(num_bits=4, type="int", symmetric=False, strategy="group",
                                 group_size=group)
         theirs = ct_dequantize(q.to(scale.dtype), scale, z.to(scale.dtype), args)
@@ -77,20 +63,13 @@ def check_repack(ct_dir: Path, gemm_dir: Path, spec: ArchSpec) -> int:
             bad = int((ours != theirs).sum())
             raise VerifyError(f"{name}: {bad} dequantized weights differ from llm-compressor's")
         checked += 1
-        del parts[prefix]
     if checked == 0:
         raise VerifyError(f"{ct_dir} holds no quantized layers")
     return checked
 
 
 def dequantized_state(ckpt: Path) -> dict[str, torch.Tensor]:
-    from safetensors import safe_open
-
-    raw: dict[str, torch.Tensor] = {}
-    for shard in sorted(ckpt.glob("*.safetensors")):
-        with safe_open(str(shard), "pt") as f:
-            for key in f.keys():  # noqa: SIM118
-                raw[key] = f.get_tensor(key)
+    raw = read_tensors(ckpt)
     state = {}
     for key, tensor in raw.items():
         if key.endswith(".qweight"):

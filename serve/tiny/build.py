@@ -25,6 +25,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from quantize.calibration import BUILTIN as CALIBRATION  # tiny-text trains on it
+
 HERE = Path(__file__).parent
 CORPUS = HERE / "corpus.txt"
 VOCAB_SIZE = 600
@@ -139,8 +141,7 @@ BUILDERS: dict[str, tuple[Callable[[Path], None], tuple[Path, ...]]] = {
     "tiny-llama": (_tiny("llama"), ()),
     "tiny-mixtral": (_tiny("mixtral"), ()),
     "tiny-chat": (_tiny_chat, (HERE / "train.py", HERE / "instructions.json")),
-    "tiny-text": (_tiny_text, (HERE / "text.py", HERE.parents[1] / "quantize" / "data"
-                               / "calibration.jsonl")),
+    "tiny-text": (_tiny_text, (HERE / "text.py", CALIBRATION)),
 }
 
 

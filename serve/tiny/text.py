@@ -14,11 +14,12 @@ the shape AWQ exists for; on the model without this step AWQ and round-to-neares
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-CALIBRATION = Path(__file__).resolve().parents[2] / "quantize" / "data" / "calibration.jsonl"
+from quantize.calibration import BUILTIN as CALIBRATION
+from quantize.calibration import read_rows
+
 STEPS = 50
 LR = 1e-3
 SEQ = 64
@@ -31,11 +32,8 @@ SEED = 0
 def training_text() -> list[str]:
     from serve.tiny.build import CORPUS
 
-    out = []
-    for line in CALIBRATION.read_text(encoding="utf-8").splitlines():
-        row = json.loads(line)
-        out.append(row["text"] if "text" in row else
-                   "\n".join(m["content"] for m in row["messages"]))
+    out = [row["text"] if "text" in row else "\n".join(m["content"] for m in row["messages"])
+           for row in read_rows(CALIBRATION)]
     return out + [line for line in CORPUS.read_text(encoding="utf-8").splitlines() if line]
 
 

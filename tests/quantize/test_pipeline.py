@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 import torch
-from safetensors import safe_open
 
 from quantize import card, verify
+from quantize.checkpoint import read_tensors
 from quantize.cli import main as cli
 from quantize.gemm import unpack_gemm
 from quantize.mappings import lookup
@@ -21,22 +21,13 @@ AWQ_CONFIG = {"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point":
               "version": "gemm"}
 
 
-def tensors(folder: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for shard in folder.glob("*.safetensors"):
-        with safe_open(str(shard), "pt") as f:
-            for k in f.keys():  # noqa: SIM118
-                out[k] = f.get_tensor(k)
-    return out
-
-
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-mixtral"])
 def test_gemm_layout_and_config(awq_dirs: dict[str, Any], name: str) -> None:
     out, _, result = awq_dirs[name]
     config = json.loads((out / "config.json").read_text())
     qc = config["quantization_config"]
     assert {k: qc[k] for k in AWQ_CONFIG} == AWQ_CONFIG
-    t = tensors(out)
+    t = read_tensors(out)
     layer = "model.layers.1."
     if name == "tiny-mixtral":
         assert qc["modules_to_not_convert"] == ["gate"]
@@ -68,7 +59,7 @@ def test_repack_is_bit_exact(awq_dirs: dict[str, Any], name: str) -> None:
     # And the check can fail: one flipped nibble is caught.
     tampered = out.parent / f"{name}-tampered"
     tampered.mkdir()
-    t = tensors(out)
+    t = read_tensors(out)
     key = next(k for k in t if k.endswith(".qweight"))
     t[key] = t[key].clone()
     t[key][0, 0] ^= 1
@@ -139,7 +130,7 @@ def test_compressed_tensors_format(tmp_path: Path) -> None:
     quantize(Options(ensure_model("tiny-mixtral"), out, format="compressed-tensors", num_samples=4))
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     assert qc["quant_method"] == "compressed-tensors" and qc["format"] == "pack-quantized"
-    assert any(k.endswith("weight_packed") for k in tensors(out))
+    assert any(k.endswith("weight_packed") for k in read_tensors(out))
     assert "compressed-tensors" in (out / "README.md").read_text()
 
 
