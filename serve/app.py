@@ -50,6 +50,11 @@ class AppState:
                            503, code="model_loading")
         return self.engine, self.model
 
+    @property
+    def model_name(self) -> str:
+        """The served model's name, for metric labels ("none" while loading)."""
+        return self.model.name if self.model else "none"
+
     def mark_dead(self, exc: BaseException) -> None:
         if not self.dead:
             log.error("inference engine died: %s; shutting down", exc)
@@ -69,7 +74,7 @@ async def _guard(state: AppState, route: str, chunks: AsyncIterator[str]) -> Asy
 
     A stream that is cancelled or closed before its end lost its client (the engine request
     is aborted by `serving.run`)."""
-    model = state.model.name if state.model else "none"
+    model = state.model_name
     ended = False
     try:
         async for chunk in chunks:
@@ -104,8 +109,7 @@ async def _respond(state: AppState, request: Request,
         watch.cancel()
     if task not in done:
         task.cancel()  # cancels the engine run, whose `finally` aborts the request
-        metrics.DISCONNECTS.labels(metrics.route_of(request.url.path),
-                                   state.model.name if state.model else "none").inc()
+        metrics.DISCONNECTS.labels(metrics.route_of(request.url.path), state.model_name).inc()
         return Response(status_code=499)
     try:
         result = task.result()
@@ -150,8 +154,7 @@ def create_app(state: AppState) -> FastAPI:
         return await call_next(request)
 
     # Outermost, so it also counts the 401s of `auth` above; /metrics and /health unmetered.
-    app.add_middleware(metrics.MetricsMiddleware,
-                       model=lambda: state.model.name if state.model else "none")
+    app.add_middleware(metrics.MetricsMiddleware, model=lambda: state.model_name)
     if state.model is not None:
         metrics.set_model_info(state.model)
 

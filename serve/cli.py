@@ -79,11 +79,11 @@ async def _serve(server_cfg: ServerConfig, engine_cfg: EngineConfig) -> int:
 
 
 def _reap_children(timeout: float = 10.0) -> None:
-    """End every process the engine started (vLLM's engine core and its workers).
+    """End whatever the engine's own shutdown left running (its engine core and workers).
 
-    On SIGTERM (docker stop, a Kubernetes rollout) vLLM's shutdown ends the engine core but its
-    `VLLM::Worker` grandchild stayed alive holding the model's memory; the server must not
-    exit before its whole process tree has.
+    vLLM's shutdown ends them when the engine is up; an engine still loading when SIGTERM
+    arrives (docker stop, a Kubernetes rollout) has no handle to shut down yet, and its
+    `VLLM::Worker` would outlive the server holding the model's memory.
     """
     import psutil
 

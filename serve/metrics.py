@@ -99,13 +99,13 @@ class MetricsMiddleware:
             return
         route, model = route_of(scope["path"]), self.model()
         start = time.perf_counter()
-        status = 500
-        started = streaming = False
+        status = 500  # stays so if the app raises before answering (the error handler's 500)
+        streaming = False
 
         async def send_wrapper(message: Message) -> None:
-            nonlocal status, started, streaming
+            nonlocal status, streaming
             if message["type"] == "http.response.start":
-                status, started = int(message["status"]), True
+                status = int(message["status"])
                 headers = dict(message.get("headers") or [])
                 streaming = headers.get(b"content-type", b"").startswith(b"text/event-stream")
                 if streaming:
@@ -114,10 +114,6 @@ class MetricsMiddleware:
 
         try:
             await self.app(scope, receive, send_wrapper)
-        except Exception:
-            if not started:
-                status = 500  # a bug: the server error handler answers 500
-            raise
         finally:
             if streaming:
                 ACTIVE_STREAMS.labels(route, model).dec()
