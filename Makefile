@@ -27,7 +27,8 @@ export VLLM_CPU_KVCACHE_SPACE ?= 1
 export HF_HUB_OFFLINE ?= 1
 export PIP_DISABLE_PIP_VERSION_CHECK ?= 1
 
-.PHONY: serve test lint unit integration install models clean quantize-env quantize test-quantize prometheus
+.PHONY: serve test lint unit integration install models clean quantize-env quantize test-quantize prometheus \
+	bench-moe
 
 install: $(STAMP)
 
@@ -60,14 +61,15 @@ prometheus:
 	  $$SUDO apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends prometheus; }
 
-models: $(STAMP)
+# The default model (tiny-chat) is made in the quantize environment: experts, mergekit-moe, AWQ.
+models: $(STAMP) $(QSTAMP)
 	$(BIN)/python -m serve.tiny.build
 
-serve: $(STAMP)
+serve: $(STAMP) $(QSTAMP)
 	$(BIN)/python -m serve --host $(HOST) --port $(PORT) $(ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check serve quantize chat_templates tests
+	$(BIN)/ruff check serve quantize chat_templates tests bench
 	$(BIN)/mypy
 
 unit: $(STAMP)
@@ -82,6 +84,10 @@ test-quantize: $(QSTAMP) models
 test: lint models $(QSTAMP) prometheus
 	$(QBIN)/python -m pytest -q tests/quantize
 	$(BIN)/python -m pytest -q tests
+
+# Benchmarks print tables; they are not tests (README: Performance).
+bench-moe: $(STAMP) $(QSTAMP)
+	$(BIN)/python -m bench.moe
 
 clean:
 	rm -rf $(VENV) $(QVENV) .pytest_cache .mypy_cache .ruff_cache

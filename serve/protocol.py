@@ -69,6 +69,10 @@ class _Sampling(BaseModel):
     sentence_trim: bool | None = Field(
         None, description="Extension: when the length limit is hit, trim the reply back to its "
         "last sentence end (。！？!?.). Default: the server's (off).")
+    return_token_ids: bool = Field(
+        False, description="Extension (as vLLM's): each choice also carries `token_ids`, the "
+        "generated token ids, and `prompt_token_ids`; a stream sends the new ids per chunk and "
+        "the prompt's in its first chunk.")
     user: str | None = None
 
     @model_validator(mode="after")

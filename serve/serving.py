@@ -101,6 +101,7 @@ class ChoiceEvent:
     index: int
     text: str
     logprobs: list[TokenLogprobs] | None
+    token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None  # OpenAI's: "stop" | "length"
     stop_type: str | None = None  # which stop fired, see StopPolicy.classify
     stop_reason: int | str | None = None  # the matched stop string or token id (vLLM's field)
@@ -149,7 +150,7 @@ async def run(
                     first_token = False
                 gate = gates[c.index]
                 if c.finish_reason is None:
-                    events.append(ChoiceEvent(c.index, gate.push(c.text), c.logprobs))
+                    events.append(ChoiceEvent(c.index, gate.push(c.text), c.logprobs, c.token_ids))
                     continue
                 length = c.finish_reason == "length"
                 stop = c.stop_reason if isinstance(c.stop_reason, str) else None
@@ -157,8 +158,8 @@ async def run(
                 stop_type = model.stops.classify(c.finish_reason, c.stop_reason, trimmed)
                 reason = "length" if length and not trimmed else "stop"
                 metrics.observe_finish(model.name, reason, stop_type)
-                events.append(ChoiceEvent(c.index, text, c.logprobs, reason, stop_type,
-                                          c.stop_reason))
+                events.append(ChoiceEvent(c.index, text, c.logprobs, c.token_ids, reason,
+                                          stop_type, c.stop_reason))
             yield events, step
         finished = True
     finally:
@@ -187,6 +188,7 @@ async def collect(events: AsyncIterator[tuple[list[ChoiceEvent], EngineStep]], n
         for e in step_events:
             acc = out[e.index]
             acc.text += e.text
+            acc.token_ids += e.token_ids
             if e.logprobs is not None:
                 acc.logprobs = (acc.logprobs or []) + e.logprobs
             if e.finish_reason is not None:

@@ -89,7 +89,7 @@ async def chat_completion(
     events = run(engine, model, prompt_ids, spec, request_id, usage,
                  keep_stop=req.include_stop_str_in_output, trim=trim)
     if req.stream:
-        return _stream(model, req, request_id, events, usage)
+        return _stream(model, req, request_id, events, usage, prompt_ids)
     final, _ = await collect(events, spec.n)
     return {
         "id": request_id,
@@ -103,6 +103,8 @@ async def chat_completion(
                 "logprobs": chat_logprobs(model, e.logprobs),
                 "finish_reason": e.finish_reason,
                 **stop_fields(e),
+                **({"token_ids": e.token_ids, "prompt_token_ids": prompt_ids}
+                   if req.return_token_ids else {}),
             }
             for e in final
         ],
@@ -111,28 +113,33 @@ async def chat_completion(
 
 
 async def _stream(model: ServedModel, req: ChatCompletionRequest, request_id: str,
-                  events: AsyncIterator[tuple[list[ChoiceEvent], Any]], usage: Usage
-                  ) -> AsyncIterator[str]:
+                  events: AsyncIterator[tuple[list[ChoiceEvent], Any]], usage: Usage,
+                  prompt_ids: list[int]) -> AsyncIterator[str]:
     include_usage = req.include_usage()
     head = (f'{{"id":"{request_id}","object":"chat.completion.chunk","created":{int(time.time())},'
             f'"model":{json.dumps(model.name)},"choices":[')
     tail = ',"usage":null}' if include_usage else "}"
+    ids = req.return_token_ids
+    first = f',"prompt_token_ids":{json.dumps(prompt_ids)}' if ids else ""
     for i in range(req.n):
         yield sse(head + f'{{"index":{i},"delta":{{"role":"assistant","content":""}},'
-                  '"logprobs":null,"finish_reason":null}]' + tail)
+                  f'"logprobs":null,"finish_reason":null{first}}}]' + tail)
     async for step_events, _ in events:
         for e in step_events:
-            if not e.text and e.logprobs is None and e.finish_reason is None:
+            if not e.text and e.logprobs is None and e.finish_reason is None and not (
+                    ids and e.token_ids):
                 continue
             lps = "null" if e.logprobs is None else json.dumps(chat_logprobs(model, e.logprobs))
             if e.finish_reason is None:
+                token_ids = f',"token_ids":{json.dumps(e.token_ids)}' if ids else ""
                 yield sse(head + f'{{"index":{e.index},"delta":{{"content":'
                           f'{json.dumps(e.text, ensure_ascii=False)}}},"logprobs":{lps},'
-                          '"finish_reason":null}]' + tail)
+                          f'"finish_reason":null{token_ids}}}]' + tail)
             else:  # the last chunk of a choice: built once, so a dict is fine here
                 choice = {"index": e.index, "delta": {"content": e.text} if e.text else {},
                           "logprobs": chat_logprobs(model, e.logprobs),
-                          "finish_reason": e.finish_reason, **stop_fields(e)}
+                          "finish_reason": e.finish_reason, **stop_fields(e),
+                          **({"token_ids": e.token_ids} if ids else {})}
                 yield sse(head + json.dumps(choice, ensure_ascii=False) + "]" + tail)
     if include_usage:
         yield sse(head + "]" + f',"usage":{json.dumps(usage.as_dict())}}}')

@@ -121,7 +121,7 @@ async def completion(
     echoes = [model.tokenizer.decode(ids, skip_special_tokens=True) if req.echo else ""
               for ids in prompts]
     if req.stream:
-        return _stream(model, req, request_id, _merge(runs, req.n), usages, echoes)
+        return _stream(model, req, request_id, _merge(runs, req.n), usages, echoes, prompts)
     results = await asyncio.gather(*(collect(r, req.n) for r in runs))
     choices = []
     for p, (final, prompt_lps) in enumerate(results):
@@ -129,9 +129,12 @@ async def completion(
             lps: list[TokenLogprobs | None] | None = None
             if e.logprobs is not None:
                 lps = [*(prompt_lps or []), *e.logprobs] if req.echo else list(e.logprobs)
-            choices.append({"index": p * req.n + e.index, "text": echoes[p] + e.text,
-                            "logprobs": completion_logprobs(model, lps),
-                            "finish_reason": e.finish_reason, **stop_fields(e)})
+            choice = {"index": p * req.n + e.index, "text": echoes[p] + e.text,
+                      "logprobs": completion_logprobs(model, lps),
+                      "finish_reason": e.finish_reason, **stop_fields(e)}
+            if req.return_token_ids:
+                choice.update(token_ids=e.token_ids, prompt_token_ids=prompts[p])
+            choices.append(choice)
     usage = Usage.total(usages)
     return {"id": request_id, "object": "text_completion", "created": int(time.time()),
             "model": model.name, "choices": choices, "usage": usage.as_dict()}
@@ -139,24 +142,32 @@ async def completion(
 
 async def _stream(model: ServedModel, req: CompletionRequest, request_id: str,
                   merged: AsyncIterator[tuple[int, list[ChoiceEvent], Any]],
-                  usages: list[Usage], echoes: list[str]) -> AsyncIterator[str]:
+                  usages: list[Usage], echoes: list[str], prompts: list[list[int]]
+                  ) -> AsyncIterator[str]:
     include_usage = req.include_usage()
     head = (f'{{"id":"{request_id}","object":"text_completion","created":{int(time.time())},'
             f'"model":{json.dumps(model.name)},"choices":[')
     tail = ',"usage":null}' if include_usage else "}"
     pending_echo = {(p, i): echoes[p] for p in range(len(echoes)) for i in range(req.n)
                     if echoes[p]}
+    unsent_prompt = {(p, i) for p in range(len(prompts)) for i in range(req.n)}
     async for p, step_events, step in merged:
         for e in step_events:
             text = pending_echo.pop((p, e.index), "") + e.text
             lp_src: list[TokenLogprobs | None] | None = e.logprobs  # type: ignore[assignment]
             if req.echo and step.prompt_logprobs is not None and e.logprobs is not None:
                 lp_src = [*step.prompt_logprobs, *e.logprobs]
-            if not text and lp_src is None and e.finish_reason is None:
+            if not text and lp_src is None and e.finish_reason is None and not (
+                    req.return_token_ids and e.token_ids):
                 continue
             choice: dict[str, Any] = {"index": p * req.n + e.index, "text": text,
                                       "logprobs": completion_logprobs(model, lp_src),
                                       "finish_reason": e.finish_reason}
+            if req.return_token_ids:
+                choice["token_ids"] = e.token_ids
+                if (p, e.index) in unsent_prompt:
+                    unsent_prompt.discard((p, e.index))
+                    choice["prompt_token_ids"] = prompts[p]
             if e.finish_reason is not None:
                 choice.update(stop_fields(e))
             yield sse(head + json.dumps(choice, ensure_ascii=False) + "]" + tail)

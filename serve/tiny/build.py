@@ -1,13 +1,19 @@
-"""Builds the embedded tiny models: a byte-fallback tokenizer and tiny Llama / Mixtral checkpoints.
+"""Builds the embedded tiny models: a byte-fallback tokenizer, tiny checkpoints, the default model.
 
 No hub downloads: the tokenizer is trained with sentencepiece on `corpus.txt` (Japanese and
 English text shipped here), the Llama-2 / Swallow kind (BPE, byte fallback, `<unk>`, `<s>`,
-`</s>` at ids 0, 1, 2), and wrapped as a transformers `LlamaTokenizer`. Models are random
-(`tiny-llama`, `tiny-mixtral`) or trained (`tiny-chat`, see `train.py`).
+`</s>` at ids 0, 1, 2), and wrapped as a transformers `LlamaTokenizer`. The models:
+
+- `tiny-chat`: the default model, a 4-bit AWQ MoE made by mergekit-moe from trained experts and
+  quantized by moegi (`chat.py`); `tiny-chat-moe` is its bf16 merge before quantization;
+- `tiny-text`: a language model for the quantizer's quality checks (`text.py`);
+- `tiny-llama`, `tiny-mixtral`: random weights, for tests.
 
 Everything is deterministic (fixed seeds, one sentencepiece thread) and cached under
 `$MOEGI_CACHE` (default `~/.cache/moegi`) in a folder whose name carries a fingerprint of the
-inputs, so a change to this file or the corpus rebuilds and an unchanged tree reuses the cache.
+inputs (code and data, and the models it is built from), so a change rebuilds and an unchanged
+tree reuses the cache. A model that needs the quantize environment (llm-compressor, mergekit)
+is built there, in `.venv-quantize` or `$MOEGI_QUANTIZE_PYTHON`, whichever environment asks.
 
     python -m serve.tiny.build            # builds all, prints their paths
     python -m serve.tiny.build tiny-chat  # builds one
@@ -15,49 +21,31 @@ inputs, so a change to this file or the corpus rebuilds and an unchanged tree re
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
+import importlib.util
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from quantize.calibration import BUILTIN as CALIBRATION  # tiny-text trains on it
+from serve.tiny.shapes import VOCAB_SIZE
 
 HERE = Path(__file__).parent
+REPO = HERE.parents[1]
 CORPUS = HERE / "corpus.txt"
-VOCAB_SIZE = 600
+QUANTIZE_DIR = REPO / "quantize"
 SEED = 1234
-
-# The shapes are the field notes' tiny shapes; 128/256 are multiples of the AWQ group size (128)
-# so the same checkpoints feed the quantizer's tests.
-COMMON = dict(
-    hidden_size=128,
-    intermediate_size=256,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=1024,
-    rms_norm_eps=1e-5,
-    bos_token_id=1,
-    eos_token_id=2,
-    tie_word_embeddings=False,
-)
-MIXTRAL = dict(num_local_experts=4, num_experts_per_tok=2)
 
 
 def cache_root() -> Path:
     return Path(os.environ.get("MOEGI_CACHE", Path.home() / ".cache" / "moegi"))
-
-
-def _fingerprint(*files: Path) -> str:
-    h = hashlib.sha256()
-    for f in (CORPUS, Path(__file__), *files):
-        h.update(f.read_bytes())
-    return h.hexdigest()[:12]
 
 
 def build_tokenizer(out: Path) -> None:
@@ -94,40 +82,33 @@ def build_tokenizer(out: Path) -> None:
     tok.save_pretrained(out)
 
 
-def _save_model(out: Path, arch: str) -> None:
-    import torch
-    from transformers import AutoTokenizer as _AT
-    from transformers import (
-        LlamaConfig,
-        LlamaForCausalLM,
-        MixtralConfig,
-        MixtralForCausalLM,
-        PreTrainedTokenizerBase,
-    )
-
-    tok: PreTrainedTokenizerBase = _AT.from_pretrained(out)
-    torch.manual_seed(SEED)
-    model: Any
-    if arch == "llama":
-        model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), **COMMON))  # type: ignore[no-untyped-call, arg-type]
-    else:
-        model = MixtralForCausalLM(MixtralConfig(vocab_size=len(tok), **COMMON, **MIXTRAL))  # type: ignore[no-untyped-call, arg-type]
-    model.to(torch.bfloat16).save_pretrained(out)
-
-
-def _tiny(arch: str) -> Callable[[Path], None]:
+def _random(arch: str) -> Callable[[Path], None]:
     def build(out: Path) -> None:
+        import torch
+        from transformers import AutoTokenizer, LlamaForCausalLM, MixtralForCausalLM
+
+        from serve.tiny.shapes import llama_config, mixtral_config
+
         build_tokenizer(out)
-        _save_model(out, arch)
+        vocab = len(AutoTokenizer.from_pretrained(out))
+        torch.manual_seed(SEED)
+        model: Any = (LlamaForCausalLM(llama_config(vocab)) if arch == "llama"  # type: ignore[no-untyped-call]
+                      else MixtralForCausalLM(mixtral_config(vocab)))  # type: ignore[no-untyped-call]
+        model.to(torch.bfloat16).save_pretrained(out)
 
     return build
 
 
-def _tiny_chat(out: Path) -> None:
-    from serve.tiny.train import train_chat_model
+def _tiny_chat_moe(out: Path) -> None:
+    from serve.tiny.chat import build_merged
 
-    build_tokenizer(out)
-    train_chat_model(out)
+    build_merged(out)
+
+
+def _tiny_chat(out: Path) -> None:
+    from serve.tiny.chat import build_quantized
+
+    build_quantized(out, ensure_model("tiny-chat-moe"))
 
 
 def _tiny_text(out: Path) -> None:
@@ -137,32 +118,83 @@ def _tiny_text(out: Path) -> None:
     train_text_model(out)
 
 
-BUILDERS: dict[str, tuple[Callable[[Path], None], tuple[Path, ...]]] = {
-    "tiny-llama": (_tiny("llama"), ()),
-    "tiny-mixtral": (_tiny("mixtral"), ()),
-    "tiny-chat": (_tiny_chat, (HERE / "train.py", HERE / "instructions.json")),
-    "tiny-text": (_tiny_text, (HERE / "text.py", CALIBRATION)),
+@dataclass(frozen=True)
+class Builder:
+    build: Callable[[Path], None]
+    inputs: tuple[Path, ...] = ()  # files whose content the model depends on (besides these)
+    needs: tuple[str, ...] = ()  # models it is built from (their fingerprints count)
+    quantize_env: bool = False  # needs llm-compressor / mergekit
+
+
+_TRAIN = (HERE / "train.py", HERE / "instructions.json", HERE / "shapes.py")
+BUILDERS: dict[str, Builder] = {
+    "tiny-llama": Builder(_random("llama"), (HERE / "shapes.py",)),
+    "tiny-mixtral": Builder(_random("mixtral"), (HERE / "shapes.py",)),
+    "tiny-chat-moe": Builder(_tiny_chat_moe, (*_TRAIN, HERE / "chat.py", HERE / "mergekit-moe.yml"),
+                             quantize_env=True),
+    # The quantizer's code and data are inputs: a change to them re-quantizes the default model.
+    "tiny-chat": Builder(_tiny_chat, (HERE / "chat.py", *sorted(QUANTIZE_DIR.glob("*.py")),
+                                      *sorted(QUANTIZE_DIR.glob("*.json")),
+                                      *sorted(QUANTIZE_DIR.glob("data/*.jsonl"))),
+                         needs=("tiny-chat-moe",), quantize_env=True),
+    "tiny-text": Builder(_tiny_text, (HERE / "text.py", HERE / "shapes.py",
+                                      QUANTIZE_DIR / "data" / "calibration.jsonl")),
 }
+
+
+def fingerprint(name: str) -> str:
+    builder = BUILDERS[name]
+    h = hashlib.sha256()
+    for f in (CORPUS, Path(__file__), *builder.inputs):
+        h.update(f.read_bytes())
+    for dep in builder.needs:
+        h.update(fingerprint(dep).encode())
+    return h.hexdigest()[:12]
+
+
+def quantize_python() -> Path:
+    """The quantize environment's interpreter (`$MOEGI_QUANTIZE_PYTHON`, else `.venv-quantize`)."""
+    return Path(os.environ.get("MOEGI_QUANTIZE_PYTHON", REPO / ".venv-quantize" / "bin" / "python"))
+
+
+def _in_quantize_env(name: str) -> None:
+    python = quantize_python()
+    if not python.exists():
+        raise SystemExit(f"building {name} needs the quantize environment (llm-compressor, "
+                         f"mergekit), and {python} is missing: run `make quantize-env`, or set "
+                         "MOEGI_QUANTIZE_PYTHON to a Python that has moegi[quantize]")
+    subprocess.run([str(python), "-m", "serve.tiny.build", name], check=True,
+                   stdout=sys.stderr)  # our stdout prints paths only
 
 
 def ensure_model(name: str) -> Path:
     """Return the cached model folder for `name`, building it first if it is missing."""
     if name not in BUILDERS:
         raise SystemExit(f"unknown tiny model {name!r}; choose one of {sorted(BUILDERS)}")
-    build, extra = BUILDERS[name]
-    out = cache_root() / "models" / f"{name}-{_fingerprint(*extra)}"
+    builder = BUILDERS[name]
+    out = cache_root() / "models" / f"{name}-{fingerprint(name)}"
     if (out / "config.json").exists():
         return out
+    if builder.quantize_env and importlib.util.find_spec("llmcompressor") is None:
+        _in_quantize_env(name)
+        if not (out / "config.json").exists():
+            raise SystemExit(f"the quantize environment did not build {out}")
+        return out
     out.parent.mkdir(parents=True, exist_ok=True)
-    # Build beside the target and rename at the end so an interrupted build never looks complete.
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=out.parent))
-    try:
-        build(tmp)
-        (tmp / "moegi-tiny.json").write_text(json.dumps({"name": name}))
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    # One builder per model at a time (test sessions and `make serve` may race on a cold cache).
+    with open(out.parent / f".{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (out / "config.json").exists():
+            return out
+        # Build beside the target, rename at the end: an interrupted build never looks complete.
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=out.parent))
+        try:
+            builder.build(tmp)
+            (tmp / "moegi-tiny.json").write_text(json.dumps({"name": name}))
+            tmp.rename(out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     return out
 
 

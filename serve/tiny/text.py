@@ -14,12 +14,13 @@ the shape AWQ exists for; on the model without this step AWQ and round-to-neares
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
-from quantize.calibration import BUILTIN as CALIBRATION
-from quantize.calibration import read_rows
-
+HERE = Path(__file__).parent
+# The quantizer's calibration set, read as data (no import of the quantize stage).
+CALIBRATION = HERE.parents[1] / "quantize" / "data" / "calibration.jsonl"
 STEPS = 50
 LR = 1e-3
 SEQ = 64
@@ -30,11 +31,12 @@ SEED = 0
 
 
 def training_text() -> list[str]:
-    from serve.tiny.build import CORPUS
-
+    rows = [json.loads(line) for line in CALIBRATION.read_text(encoding="utf-8").splitlines()
+            if line.strip()]
     out = [row["text"] if "text" in row else "\n".join(m["content"] for m in row["messages"])
-           for row in read_rows(CALIBRATION)]
-    return out + [line for line in CORPUS.read_text(encoding="utf-8").splitlines() if line]
+           for row in rows]
+    corpus = HERE / "corpus.txt"
+    return out + [line for line in corpus.read_text(encoding="utf-8").splitlines() if line]
 
 
 def add_outlier_channels(model: Any, factor: float = OUTLIER, n: int = OUTLIER_CHANNELS) -> None:
@@ -59,9 +61,9 @@ def add_outlier_channels(model: Any, factor: float = OUTLIER, n: int = OUTLIER_C
 def train_text_model(out: Path) -> None:
     """Train and save a bf16 MixtralForCausalLM into `out` (which holds the tokenizer)."""
     import torch
-    from transformers import AutoTokenizer, MixtralConfig, MixtralForCausalLM
+    from transformers import AutoTokenizer, MixtralForCausalLM
 
-    from serve.tiny.build import COMMON, MIXTRAL
+    from serve.tiny.shapes import mixtral_config
 
     tok = AutoTokenizer.from_pretrained(out)
     torch.manual_seed(SEED)
@@ -70,8 +72,7 @@ def train_text_model(out: Path) -> None:
         ids += [*tok.encode(text), tok.eos_token_id]
     rows = len(ids) // SEQ
     data = torch.tensor(ids[: rows * SEQ]).view(rows, SEQ)
-    config = MixtralConfig(vocab_size=len(tok), **COMMON, **MIXTRAL)  # type: ignore[arg-type]
-    model: Any = MixtralForCausalLM(config)  # type: ignore[no-untyped-call]
+    model: Any = MixtralForCausalLM(mixtral_config(len(tok)))  # type: ignore[no-untyped-call]
     opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.1)
     model.train()
     for _ in range(STEPS):

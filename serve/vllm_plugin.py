@@ -1,0 +1,230 @@
+"""moegi's vLLM plugin: 4-bit AutoAWQ MoE experts on x86 CPUs that vLLM has no kernel for.
+
+vLLM loads it in every one of its processes (entry point `vllm.general_plugins` ->
+`serve.vllm_plugin:register`, declared in pyproject.toml). On an x86 CPU without AMX, vLLM 0.32
+has no WNA16 MoE backend for AutoAWQ GEMM checkpoints: `CPUExpertsInt4` needs AMX tiles and the
+zentorch backend takes symmetric weights only, so `AutoAWQMoEMethod.__init__` raises in
+`select_wna16_moe_backend`. The plugin answers only that case, and does nothing where vLLM has a
+real backend (CUDA Marlin MoE, AMX `CPUExpertsInt4`, a future one): it asks vLLM's own oracle
+first.
+
+What it keeps and what it replaces:
+- weight creation and loading stay vLLM's (`AutoAWQMoEMethod.create_weights` and the fused-MoE
+  weight loader), so the checkpoint is read exactly as on CUDA and AMX hosts;
+- after loading, each expert's AWQ tensors are repacked once into the layout of vLLM's CPU
+  WNA16 linear kernel (`ops.cpu_gemm_wna16`, the kernel behind `CPUWNA16LinearKernel` that
+  serves dense AWQ on this CPU). They stay 4-bit: no dequantized copy is ever kept;
+- the expert computation is ours: tokens are grouped by expert, and each expert that received
+  tokens runs two `cpu_gemm_wna16` calls (w13, then w2 after SiLU-and-mul); the outputs are
+  summed with the router weights in float32.
+
+Written against vLLM 0.32.0 (`TESTED_VLLM`). The internals it relies on, each checked by
+tests/unit/test_vllm_plugin.py so that an upgrade fails a test before it fails a user:
+- `vllm.model_executor.layers.quantization.auto_awq`: `AutoAWQConfig.get_quant_method(layer,
+  prefix)`, `AutoAWQConfig.{weight_bits, group_size, zero_point, modules_to_not_convert}`,
+  `AutoAWQMoEMethod` (its `create_weights` registers `w13_qweight [E, H, 2I/8]`,
+  `w13_scales [E, H/G, 2I]`, `w13_qzeros [E, H/G, 2I/8]`, `w2_qweight [E, I, H/8]`,
+  `w2_scales [E, I/G, H]`, `w2_qzeros [E, I/G, H/8]`, AutoAWQ-packed along the output dim);
+- `fused_moe.oracle.int_wna16.select_wna16_moe_backend` (raises NotImplementedError when no
+  backend fits) and `quantization.utils.quant_utils.kInt4Static`;
+- `fused_moe.RoutedExperts`, `FusedMoEMethodBase.apply(layer, x, topk_weights, topk_ids,
+  shared_experts, shared_experts_input)` for modular (router-first) methods, and
+  `RoutedExperts.{activation, apply_router_weight_on_input, moe_config}`;
+- `vllm._custom_ops.cpu_gemm_wna16(input, q_weight, scales, zeros, bias, pack_factor, isa_hint)`
+  with the weight layout `CPUWNA16LinearKernel._process_gptq_weights_w4a16` produces.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+TESTED_VLLM = ("0.32.0",)
+PACK = 8  # 4-bit values per int32
+_SHIFTS = torch.arange(PACK, dtype=torch.int32) * 4
+# AutoAWQ stores column 8w + AWQ_ORDER[i] in nibble i; column j therefore sits in nibble
+# _AWQ_NIBBLE_OF[j] (vLLM's _REVERSE_AWQ_PACK_ORDER).
+_AWQ_NIBBLE_OF = (0, 4, 1, 5, 2, 6, 3, 7)
+_ROWS_PER_CHUNK = 1024  # bounds the temporary unpacked copy while repacking a 4x7B expert
+
+# Under "vllm." so that vLLM's own logging set-up prints it in its engine process too.
+log = logging.getLogger("vllm.moegi_plugin")
+
+
+def awq_to_standard(packed: torch.Tensor) -> torch.Tensor:
+    """AutoAWQ nibble order -> standard order (column 8w + j in nibble j), same shape [..., C/8].
+
+    Works in row chunks so that a large expert never has more than a slice unpacked.
+    """
+    flat = packed.reshape(-1, packed.shape[-1])
+    out = torch.empty_like(flat)
+    order = list(_AWQ_NIBBLE_OF)
+    for start in range(0, flat.shape[0], _ROWS_PER_CHUNK):
+        rows = flat[start : start + _ROWS_PER_CHUNK]
+        nibbles = (rows.unsqueeze(-1) >> _SHIFTS) & 0xF  # [R, C/8, 8] by nibble
+        values = nibbles[..., order]  # [R, C/8, 8] by column
+        out[start : start + _ROWS_PER_CHUNK] = (values << _SHIFTS).sum(-1, dtype=torch.int32)
+    return out.reshape(packed.shape)
+
+
+def to_kernel_layout(qweight: torch.Tensor, qzeros: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stacked AutoAWQ experts -> what `cpu_gemm_wna16` takes, per expert.
+
+    qweight `[E, K, N/8]` -> `[E, N/16, 2K]`: standard order, then blocks of 16 output channels
+    made contiguous (as `CPUWNA16LinearKernel._process_gptq_weights_w4a16` does);
+    qzeros `[E, K/G, N/8]` -> `[E, K/G, N/8]` in standard order.
+    """
+    experts, k, n8 = qweight.shape
+    blocked = torch.empty((experts, n8 // 2, 2 * k), dtype=torch.int32)
+    for e in range(experts):  # one expert at a time: bounded temporary memory
+        std = awq_to_standard(qweight[e])  # [K, N/8]
+        blocked[e] = std.view(k, n8 // 2, 2).permute(1, 0, 2).reshape(n8 // 2, 2 * k)
+    return blocked, awq_to_standard(qzeros)
+
+
+class CPUExperts:
+    """One MoE layer's experts in the kernel layout (4-bit) and the expert computation."""
+
+    def __init__(self, w13_qweight: torch.Tensor, w13_scales: torch.Tensor,
+                 w13_qzeros: torch.Tensor, w2_qweight: torch.Tensor, w2_scales: torch.Tensor,
+                 w2_qzeros: torch.Tensor) -> None:
+        self.w13, self.w13_zeros = to_kernel_layout(w13_qweight, w13_qzeros)
+        self.w2, self.w2_zeros = to_kernel_layout(w2_qweight, w2_qzeros)
+        self.w13_scales = w13_scales.contiguous()  # [E, H/G, 2I]
+        self.w2_scales = w2_scales.contiguous()  # [E, I/G, H]
+        self.num_experts = w13_qweight.shape[0]
+        self.intermediate = w2_qweight.shape[1]
+
+    def _gemm(self, x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor,
+              zeros: torch.Tensor) -> torch.Tensor:
+        from vllm import _custom_ops as ops
+
+        out: torch.Tensor = ops.cpu_gemm_wna16(input=x, q_weight=w, scales=scales, zeros=zeros,
+                                              bias=None, pack_factor=PACK, isa_hint="vec")
+        return out
+
+    def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                weight_on_input: bool = False) -> torch.Tensor:
+        """x `[T, H]`, topk_weights/topk_ids `[T, k]` -> `[T, H]` (x's dtype).
+
+        Tokens are sorted by expert; an expert that received none costs nothing.
+        """
+        tokens, k = topk_ids.shape
+        flat = topk_ids.reshape(-1).to(torch.int64)
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
+        token_of = order // k  # [T*k] the token of each sorted assignment
+        weight_of = topk_weights.reshape(-1)[order].to(torch.float32)
+        out = torch.zeros((tokens, x.shape[1]), dtype=torch.float32)
+        start = 0
+        for e, n in enumerate(counts):
+            if n == 0:
+                continue
+            idx = token_of[start : start + n]
+            w = weight_of[start : start + n, None]
+            xe = x.index_select(0, idx)
+            if weight_on_input:
+                xe = (xe.to(torch.float32) * w).to(x.dtype)
+            h = self._gemm(xe, self.w13[e], self.w13_scales[e], self.w13_zeros[e])  # [n, 2I]
+            act = torch.nn.functional.silu(h[:, : self.intermediate]) * h[:, self.intermediate :]
+            y = self._gemm(act.contiguous(), self.w2[e], self.w2_scales[e], self.w2_zeros[e])
+            out.index_add_(0, idx, y.to(torch.float32) if weight_on_input else y * w)
+            start += n
+        return out.to(x.dtype)
+
+
+def _method_class() -> type:
+    """`AutoAWQMoEMethod` with vLLM's weights and loader, and our expert computation."""
+    from vllm.model_executor.layers.fused_moe import FusedMoEMethodBase
+    from vllm.model_executor.layers.fused_moe.activation import MoEActivation
+    from vllm.model_executor.layers.quantization.auto_awq import AutoAWQMoEMethod
+    from vllm.scalar_type import scalar_types
+
+    class MoegiCPUAWQMoEMethod(AutoAWQMoEMethod):  # type: ignore[misc]
+        """AutoAWQ MoE on CPU through moegi's experts (vLLM found no backend here)."""
+
+        def __init__(self, quant_config: Any, moe: Any) -> None:
+            # Skip AutoAWQMoEMethod.__init__: its backend selection is what fails here.
+            FusedMoEMethodBase.__init__(self, moe)
+            self.quant_config = quant_config
+            self.quant_type = scalar_types.uint4
+            self.input_dtype = None
+            self.use_marlin = False
+            self.experts: CPUExperts | None = None
+            if moe.activation != MoEActivation.SILU:
+                raise NotImplementedError(f"moegi's CPU AWQ MoE experts support SiLU only, "
+                                          f"not {moe.activation}")
+
+        def process_weights_after_loading(self, layer: Any) -> None:
+            self.experts = CPUExperts(layer.w13_qweight.data, layer.w13_scales.data,
+                                      layer.w13_qzeros.data, layer.w2_qweight.data,
+                                      layer.w2_scales.data, layer.w2_qzeros.data)
+            # The repacked copies replace the loaded ones: keep one 4-bit copy, not two.
+            for name in ("w13_qweight", "w13_scales", "w13_qzeros",
+                         "w2_qweight", "w2_scales", "w2_qzeros"):
+                getattr(layer, name).data = torch.empty(0, dtype=getattr(layer, name).dtype)
+
+        def get_fused_moe_quant_config(self, layer: Any) -> Any:
+            return None  # no modular kernel: the experts are computed in `apply`
+
+        def apply(self, layer: Any, x: torch.Tensor, topk_weights: torch.Tensor,
+                  topk_ids: torch.Tensor, shared_experts: Any,
+                  shared_experts_input: torch.Tensor | None) -> torch.Tensor:
+            assert self.experts is not None, "weights were not processed after loading"
+            if layer.expert_map is not None:
+                raise NotImplementedError("moegi's CPU AWQ MoE experts do not support expert "
+                                          "parallelism")
+            return self.experts.forward(x, topk_weights, topk_ids,
+                                        bool(layer.apply_router_weight_on_input))
+
+    return MoegiCPUAWQMoEMethod
+
+
+def vllm_has_backend(quant_config: Any, moe_config: Any) -> bool:
+    """Whether vLLM's own WNA16 MoE oracle finds a backend for this layer on this host."""
+    from vllm.model_executor.layers.fused_moe.oracle.int_wna16 import select_wna16_moe_backend
+    from vllm.model_executor.layers.quantization.utils.quant_utils import kInt4Static
+
+    try:
+        select_wna16_moe_backend(moe_config, kInt4Static, quant_config=quant_config,
+                                 may_have_zp=quant_config.zero_point, may_have_bias=True,
+                                 allow_tile_padding=True)
+    except NotImplementedError:
+        return False
+    return True
+
+
+def register() -> None:
+    """Entry point (`vllm.general_plugins`): hook AutoAWQ's MoE method on CPUs only.
+
+    vLLM may call it more than once per process; the hook is installed once.
+    """
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return  # CUDA and the rest: vLLM's kernels (Marlin MoE)
+    from vllm.model_executor.layers.fused_moe import RoutedExperts
+    from vllm.model_executor.layers.quantization.auto_awq import AutoAWQConfig
+    from vllm.model_executor.layers.quantization.utils.quant_utils import is_layer_skipped
+
+    original = AutoAWQConfig.get_quant_method
+    if getattr(original, "_moegi_hook", False):
+        return
+    method_class = _method_class()
+
+    def get_quant_method(self: Any, layer: torch.nn.Module, prefix: str) -> Any:
+        if (isinstance(layer, RoutedExperts) and self.weight_bits == 4
+                and not is_layer_skipped(prefix, self.modules_to_not_convert or [],
+                                         match_mode="substring")
+                and not vllm_has_backend(self, layer.moe_config)):
+            log.info("moegi: 4-bit AWQ experts of %s run on moegi's CPU kernel "
+                     "(cpu_gemm_wna16; vLLM has no WNA16 MoE backend on this CPU)", prefix)
+            return method_class(self, layer.moe_config)
+        return original(self, layer, prefix)
+
+    get_quant_method._moegi_hook = True  # type: ignore[attr-defined]
+    get_quant_method._moegi_original = original  # type: ignore[attr-defined]
+    AutoAWQConfig.get_quant_method = get_quant_method  # type: ignore[method-assign]

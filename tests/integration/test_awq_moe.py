@@ -1,0 +1,94 @@
+"""The default model is a 4-bit AWQ MoE that moegi merged and quantized, served through vLLM.
+
+tiny-chat is built as serve/tiny/chat.py says: experts -> mergekit-moe -> tuning -> moegi AWQ.
+On this CPU vLLM has no WNA16 MoE kernel; moegi's plugin (serve/vllm_plugin.py) runs the
+experts. The memorised replies (chat, stream, EOS truncation, Japanese) are checked in
+test_server.py against this same server; here: what was served, that the plugin ran inside
+vLLM's engine process, and that vLLM's greedy tokens agree with a reference forward.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from serve.tiny.build import ensure_model
+from tests.integration.conftest import Server
+
+pytestmark = pytest.mark.integration
+
+# Prompts the model never trained on: held-out text, and chats outside its memorised set.
+UNSEEN = [
+    "東京の天気はどうですか？", "What is your name?", "北海道について教えてください。",
+    "[INST] 好きな食べ物は？ [/INST]", "Tell me about Kyoto in spring.",
+    "### 指示:\n日本で一番長い川は？\n### 応答:\n",
+]
+
+
+def test_the_default_model_is_a_4bit_awq_moe_from_mergekit() -> None:
+    ckpt = ensure_model("tiny-chat")
+    config = json.loads((ckpt / "config.json").read_text())
+    assert config["architectures"] == ["MixtralForCausalLM"]
+    qc = config["quantization_config"]
+    assert (qc["quant_method"], qc["bits"], qc["group_size"], qc["zero_point"], qc["version"]) == (
+        "awq", 4, 128, True, "gemm")
+    assert "gate_mode: random" in (ckpt / "mergekit-moe.yml").read_text()
+    assert (ckpt / "moegi-quantize.json").is_file()
+
+
+def test_the_plugin_runs_the_experts_in_vllms_engine_process(chat_server: Server) -> None:
+    log = chat_server.log.read_text(errors="replace")
+    # vLLM prefixes what its engine-core and worker processes log with their name and pid.
+    lines = re.findall(r"\((?:Worker|EngineCore)[^)]*pid=\d+\).*moegi: 4-bit AWQ experts of "
+                       r"(model\.layers\.\d+\.block_sparse_moe\.experts) run on moegi's CPU kernel",
+                       log)
+    layers = json.loads((ensure_model("tiny-chat") / "config.json").read_text())["num_hidden_layers"]
+    assert sorted(set(lines)) == [f"model.layers.{i}.block_sparse_moe.experts"
+                                  for i in range(layers)], log[-3000:]
+    assert "No WNA16 MoE backend" not in log
+
+
+def _greedy(server: Server, prompt_ids: list[int], n: int) -> list[int]:
+    body = {"model": "tiny-chat", "prompt": prompt_ids, "max_tokens": n, "temperature": 0,
+            "ignore_eos": True, "eos_truncation": False, "skip_special_tokens": False,
+            "return_token_ids": True}
+    r = httpx.post(server.url + "/v1/completions", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    ids: list[int] = r.json()["choices"][0]["token_ids"]
+    assert len(ids) == n
+    return ids
+
+
+def test_greedy_tokens_agree_with_the_reference_forward(chat_server: Server) -> None:
+    """vLLM (fp16, moegi's CPU experts) vs quantize.verify's reference forward (the checkpoint's
+    files dequantized into a float32 transformers model), on prompts the model never saw.
+
+    Teacher-forced on vLLM's own tokens: at every generated position the reference's top-1
+    token must be vLLM's. 100% means the greedy sequences are identical.
+    """
+    from transformers import AutoTokenizer
+
+    from quantize.calibration import heldout_texts
+    from quantize.verify import load_reference
+
+    ckpt = ensure_model("tiny-chat")
+    tok = AutoTokenizer.from_pretrained(ckpt)
+    reference = load_reference(Path(ckpt))
+    agree = total = 0
+    for text in [*heldout_texts(), *UNSEEN]:
+        for cut in (8, 20):
+            prompt = tok.encode(text)[:cut]
+            generated = _greedy(chat_server, prompt, 24)
+            with torch.no_grad():
+                logits = reference(input_ids=torch.tensor([prompt + generated[:-1]])).logits[0]
+            predicted = logits[len(prompt) - 1 :].argmax(-1).tolist()
+            agree += sum(p == g for p, g in zip(predicted, generated, strict=True))
+            total += len(generated)
+    print(f"\ntop-1 agreement, vLLM vs reference forward: {agree}/{total} = {agree / total:.2%}")
+    assert total >= 600
+    assert agree / total >= 0.99

@@ -1,0 +1,151 @@
+"""moegi's vLLM plugin (serve/vllm_plugin.py): the expert computation and the vLLM internals.
+
+The computation runs vLLM's real CPU kernel (`cpu_gemm_wna16`) on random AutoAWQ-packed experts
+and is compared with dequantize-then-matmul in float32 (quantize/gemm.py is the independent
+reference). The signature checks fail when a vLLM upgrade moves what the plugin relies on.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+
+from quantize.gemm import dequantize, pack_gemm
+from serve import vllm_plugin
+from serve.vllm_plugin import CPUExperts
+
+HIDDEN, INTER, GROUP = 128, 256, 128
+
+
+def _random_awq(rows: int, cols: int, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
+    """One AutoAWQ GEMM linear `[in=rows, out=cols]`: qweight, qzeros, fp16 scales."""
+    q = torch.randint(0, 16, (rows, cols), generator=gen)
+    z = torch.randint(0, 16, (rows // GROUP, cols), generator=gen)
+    s = (torch.rand(rows // GROUP, cols, generator=gen) * 0.02 + 0.002).half()
+    return pack_gemm(q), pack_gemm(z), s
+
+
+def _experts(n: int, dtype: torch.dtype) -> tuple[CPUExperts, list[tuple[torch.Tensor, ...]],
+                                                   list[tuple[torch.Tensor, ...]]]:
+    gen = torch.Generator().manual_seed(0)
+    w13 = [_random_awq(HIDDEN, 2 * INTER, gen) for _ in range(n)]
+    w2 = [_random_awq(INTER, HIDDEN, gen) for _ in range(n)]
+
+    def stack(ws: list[tuple[torch.Tensor, ...]], i: int) -> torch.Tensor:
+        return torch.stack([w[i] for w in ws])
+
+    experts = CPUExperts(stack(w13, 0), stack(w13, 2).to(dtype), stack(w13, 1),
+                         stack(w2, 0), stack(w2, 2).to(dtype), stack(w2, 1))
+    return experts, w13, w2
+
+
+def _reference(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
+               w13: list[tuple[torch.Tensor, ...]], w2: list[tuple[torch.Tensor, ...]],
+               dtype: torch.dtype) -> torch.Tensor:
+    """Dequantize each expert, then matmul, token by token, in float32."""
+    out = torch.zeros(x.shape[0], HIDDEN)
+    for t in range(x.shape[0]):
+        for j in range(ids.shape[1]):
+            e = int(ids[t, j])
+            a13 = dequantize((w13[e][0], w13[e][1], w13[e][2].to(dtype).float()))  # [2I, H]
+            a2 = dequantize((w2[e][0], w2[e][1], w2[e][2].to(dtype).float()))  # [H, I]
+            h = x[t].float() @ a13.t()
+            act = torch.nn.functional.silu(h[:INTER]) * h[INTER:]
+            out[t] += weights[t, j] * (act @ a2.t())
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_experts_match_dequantize_then_matmul(dtype: torch.dtype) -> None:
+    experts, w13, w2 = _experts(4, dtype)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(7, HIDDEN, generator=gen).to(dtype)
+    # Experts 2 and 3 receive no token at all; expert 0 and 1 receive several.
+    ids = torch.tensor([[0, 1], [1, 0], [0, 1], [1, 0], [0, 1], [0, 1], [1, 0]])
+    weights = torch.rand(7, 2, generator=gen).softmax(-1)
+    out = experts.forward(x, weights, ids)
+    ref = _reference(x, weights, ids, w13, w2, dtype)
+    assert out.dtype == dtype and out.shape == (7, HIDDEN)
+    # The kernel computes in the activation dtype; the error is that dtype's rounding.
+    assert torch.allclose(out.float(), ref, atol=0.02 * float(ref.abs().max()), rtol=0.02)
+    assert torch.nn.functional.cosine_similarity(out.float().flatten(), ref.flatten(), 0) > 0.9999
+
+
+def test_every_expert_and_a_single_token() -> None:
+    experts, w13, w2 = _experts(4, torch.bfloat16)
+    gen = torch.Generator().manual_seed(2)
+    for ids in (torch.tensor([[3, 2]]), torch.tensor([[2, 3], [0, 1], [1, 2], [3, 0]])):
+        x = torch.randn(ids.shape[0], HIDDEN, generator=gen).to(torch.bfloat16)
+        weights = torch.rand(ids.shape, generator=gen).softmax(-1)
+        ref = _reference(x, weights, ids, w13, w2, torch.bfloat16)
+        out = experts.forward(x, weights, ids).float()
+        assert torch.allclose(out, ref, atol=0.02 * float(ref.abs().max()), rtol=0.02)
+
+
+def test_router_weight_on_input() -> None:
+    experts, w13, w2 = _experts(2, torch.bfloat16)
+    x = torch.randn(3, HIDDEN).to(torch.bfloat16)
+    ids = torch.tensor([[1], [0], [1]])
+    weights = torch.tensor([[0.5], [2.0], [1.0]])
+    out = experts.forward(x, weights, ids, weight_on_input=True).float()
+    scaled = (x.float() * weights).to(torch.bfloat16)
+    ref = _reference(scaled, torch.ones(3, 1), ids, w13, w2, torch.bfloat16)
+    assert torch.allclose(out, ref, atol=0.03 * float(ref.abs().max()), rtol=0.03)
+
+
+def test_weights_stay_four_bit() -> None:
+    experts, _, _ = _experts(4, torch.bfloat16)
+    packed = [experts.w13, experts.w2, experts.w13_zeros, experts.w2_zeros]
+    assert all(t.dtype == torch.int32 for t in packed)
+    # 8 weights per int32: exactly the size of the checkpoint's qweight tensors.
+    assert experts.w13.numel() == 4 * HIDDEN * 2 * INTER // 8
+    assert experts.w2.numel() == 4 * INTER * HIDDEN // 8
+
+
+def _params(fn: object) -> list[str]:
+    return list(inspect.signature(fn).parameters)  # type: ignore[arg-type]
+
+
+def test_the_vllm_internals_the_plugin_relies_on() -> None:
+    """If this fails after a vLLM upgrade, re-check serve/vllm_plugin.py against the new vLLM."""
+    import vllm
+    from vllm import _custom_ops as ops
+    from vllm.model_executor.layers.fused_moe import FusedMoEMethodBase, RoutedExperts
+    from vllm.model_executor.layers.fused_moe.oracle import int_wna16
+    from vllm.model_executor.layers.quantization import auto_awq
+    from vllm.model_executor.layers.quantization.utils import quant_utils
+
+    assert vllm.__version__ in vllm_plugin.TESTED_VLLM, (
+        f"vLLM {vllm.__version__} is not one the plugin was checked against: "
+        f"{vllm_plugin.TESTED_VLLM}")
+    get_quant_method = getattr(auto_awq.AutoAWQConfig.get_quant_method, "_moegi_original",
+                               auto_awq.AutoAWQConfig.get_quant_method)
+    assert _params(get_quant_method) == ["self", "layer", "prefix"]
+    assert _params(auto_awq.AutoAWQMoEMethod.create_weights)[:6] == [
+        "self", "layer", "num_experts", "hidden_size", "intermediate_size_per_partition",
+        "params_dtype"]
+    assert _params(auto_awq.AutoAWQMoEMethod.__init__) == ["self", "quant_config", "moe"]
+    assert _params(FusedMoEMethodBase.apply) == [
+        "self", "layer", "x", "topk_weights", "topk_ids", "shared_experts",
+        "shared_experts_input"]
+    assert _params(int_wna16.select_wna16_moe_backend) == [
+        "config", "weight_key", "quant_config", "may_have_zp", "may_have_bias",
+        "allow_tile_padding"]
+    assert _params(ops.cpu_gemm_wna16) == [
+        "input", "q_weight", "scales", "zeros", "bias", "pack_factor", "isa_hint"]
+    assert "match_mode" in _params(quant_utils.is_layer_skipped)
+    assert hasattr(quant_utils, "kInt4Static") and isinstance(RoutedExperts, type)
+    assert list(vllm_plugin._AWQ_NIBBLE_OF) == auto_awq._REVERSE_AWQ_PACK_ORDER
+
+
+def test_register_hooks_once_and_only_on_cpu() -> None:
+    from vllm.model_executor.layers.quantization.auto_awq import AutoAWQConfig
+
+    vllm_plugin.register()
+    hooked = AutoAWQConfig.get_quant_method
+    assert getattr(hooked, "_moegi_hook", False)
+    vllm_plugin.register()  # vLLM calls plugins in every process, sometimes twice
+    assert AutoAWQConfig.get_quant_method is hooked
+
