@@ -23,7 +23,6 @@ PORT ?= 8000
 ARGS ?=
 
 export MOEGI_CACHE ?= $(HOME)/.cache/moegi
-export VLLM_CPU_KVCACHE_SPACE ?= 1
 export HF_HUB_OFFLINE ?= 1
 export PIP_DISABLE_PIP_VERSION_CHECK ?= 1
 

@@ -154,7 +154,8 @@ async def stream(client: httpx.AsyncClient, url: str, body: dict[str, object]) -
                 s.tokens = chunk["usage"]["completion_tokens"]
             for c in chunk.get("choices", []):
                 piece = c.get("text") or (c.get("delta") or {}).get("content") or ""
-                if piece:
+                # Token ids count too: a random model's bytes may spell no whole character.
+                if piece or c.get("token_ids"):
                     s.chunks.append(time.perf_counter())
                     s.text += piece
     return s

@@ -98,7 +98,7 @@ def _serve(name: str, model: Path, log_dir: Path) -> ServerProcess:
 
 def _measure(server: ServerProcess) -> dict[str, float]:
     body = {"model": "m", "prompt": PROMPT, "max_tokens": DECODE_TOKENS, "temperature": 0,
-            "ignore_eos": True, "eos_truncation": False}
+            "ignore_eos": True, "eos_truncation": False, "return_token_ids": True}
     url = server.url + "/v1/completions"
     asyncio.run(concurrent(url, {**body, "max_tokens": 8}, 2))  # warm-up
     b1 = [decode_rate(asyncio.run(concurrent(url, body, 1))) for _ in range(3)]

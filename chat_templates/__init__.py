@@ -4,11 +4,20 @@ The registry is the folder itself: `NAME.jinja` is the template NAME. Each file'
 states its format, where it comes from, and how system messages, inputs and history map onto it.
 Every template writes the BOS token itself, so a rendered prompt is tokenized without adding
 special tokens (as transformers' `apply_chat_template(tokenize=True)` does).
+
+A template declares its section headers in its header comment, as data:
+`turn markers ...: ["### 指示:", "### 入力:", "### 応答:"]` (a JSON list). A model that writes one
+of them by itself has started a new turn, and EOS truncation stops there; a custom
+`--chat-template` file declares its own the same way.
 """
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
+
+_MARKERS = re.compile(r"turn markers.*?:\s*(?=\[)", re.DOTALL)
 
 DIR = Path(__file__).parent
 
@@ -34,3 +43,18 @@ def load(name_or_path: str) -> tuple[str, str]:
             "or a path to a .jinja file"
         )
     return name_or_path, shipped.read_text(encoding="utf-8")
+
+
+def turn_markers(source: str) -> tuple[str, ...]:
+    """The turn markers a template's header comment declares (none if it declares none)."""
+    header = source[: source.find("#}")] if source.lstrip().startswith("{#") else ""
+    match = _MARKERS.search(header)
+    if not match:
+        return ()
+    try:
+        markers, _ = json.JSONDecoder().raw_decode(header, match.end())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"the template's turn markers are not a JSON list: {exc}") from None
+    if not isinstance(markers, list) or not all(isinstance(m, str) and m for m in markers):
+        raise ValueError("the template's turn markers must be a JSON list of non-empty strings")
+    return tuple(markers)

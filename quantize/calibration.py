@@ -3,7 +3,7 @@
 Rows are `{"text": ...}` (natural text) or `{"messages": [...]}` (an instruction/response pair,
 rendered in the model's prompt format, so the search sees the activations the served model
 will see). The format comes from the tokenizer's own chat template, else from the moegi preset
-matched to the model name (`serve/presets.json`), else the pair is joined as plain text.
+matched to the model name (`chat_templates/presets.json`), else the pair is joined as plain text.
 """
 
 from __future__ import annotations
@@ -64,11 +64,9 @@ def _chat_template(tokenizer: Any, model_dir: Path) -> tuple[str | None, str]:
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.chat_template, "the tokenizer's own chat template"
     import chat_templates
-    from serve import presets
+    from chat_templates.presets import config_name, match
 
-    cfg = model_dir / "config.json"
-    name_or_path = json.loads(cfg.read_text()).get("_name_or_path", "") if cfg.is_file() else ""
-    preset = presets.match(str(model_dir), name_or_path)
+    preset = match(str(model_dir), config_name(model_dir))
     if preset is not None and preset.template:
         return chat_templates.load(preset.template)[1], f"{preset.template} (moegi preset {preset.name})"
     return None, "plain text (no chat template or preset known)"

@@ -1,16 +1,16 @@
-"""The FastAPI app: thin routes over serving_chat / serving_completion, auth, health.
+"""The FastAPI app: thin routes over the serving modules, admission, streams, health.
 
 `create_app(state)` takes an `AppState` that holds the engine and the served model once they
 are ready, so the server can answer `/health` with 503 while the model loads, tests can pass a
 fake engine, and a dead engine shuts the server down (exit code 1, for the orchestrator).
+A request takes an engine slot (`admission.py`) for as long as its response or stream lasts;
+a stream that fails after its 200 ends with the route's error frame (an OpenAI error chunk and
+`data: [DONE]`, or a Responses `error` event), through the same mapper as every other error.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
-import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -21,16 +21,32 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from serve import metrics
+from serve.admission import Admission
 from serve.engine import Engine, EngineDeadError
-from serve.errors import APIError, error_body, error_response, error_type, install_handlers
-from serve.protocol import ChatCompletionRequest, CompletionRequest
-from serve.serving import SSE_DONE, ServedModel, sse
+from serve.errors import (
+    APIError,
+    ErrorBoundary,
+    error_type,
+    install_handlers,
+    sse_error,
+    to_api_error,
+)
+from serve.lifecycle import Drain, Liveness, MonitoredEngine
+from serve.middleware import AuthMiddleware, BodyLimitMiddleware
+from serve.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    ResponsesRequest,
+    TokenizeRequest,
+)
+from serve.serving import SSE_DONE, ServedModel
 from serve.serving_chat import chat_completion
 from serve.serving_completion import completion
+from serve.serving_responses import ResponseStream, create_response
+from serve.serving_tokens import detokenize, tokenize
 
 log = logging.getLogger(__name__)
-
-OPEN_PATHS = frozenset({"/health"})
 
 
 @dataclass
@@ -38,13 +54,24 @@ class AppState:
     engine: Engine | None = None
     model: ServedModel | None = None
     api_key: str | None = None
+    max_request_bytes: int = 2 << 20
+    admission: Admission = field(default_factory=lambda: Admission(256, 512, 30.0))
+    liveness: Liveness = field(default_factory=Liveness)
+    drain: Drain = field(default_factory=Drain)
     dead: bool = False
     on_dead: Callable[[], None] = field(default=lambda: None)
+
+    def set_engine(self, engine: Engine) -> None:
+        """The engine, wrapped so that /health can tell a hung engine from an idle one."""
+        self.engine = MonitoredEngine(engine, self.liveness)
 
     def ready(self) -> tuple[Engine, ServedModel]:
         if self.dead:
             raise APIError("the inference engine has died; the server is restarting", 503,
                            code="engine_dead")
+        if self.drain.draining:
+            raise APIError("the server is shutting down: retry on another replica", 503,
+                           code="server_shutdown", headers={"Retry-After": "1"})
         if self.engine is None or self.model is None:
             raise APIError("the model is still loading; retry when GET /health answers 200",
                            503, code="model_loading")
@@ -69,28 +96,45 @@ def _version(dist: str) -> str | None:
         return None
 
 
-async def _guard(state: AppState, route: str, chunks: AsyncIterator[str]) -> AsyncIterator[str]:
-    """After a stream has answered 200, an error goes out as an SSE data chunk, then [DONE].
+def _sse_error_and_done(exc: BaseException) -> str:
+    return sse_error(exc) + SSE_DONE
+
+
+_SHUTDOWN = APIError("the server is shutting down and ended this request at its deadline: "
+                     "retry on another replica", 503, code="server_shutdown")
+
+
+async def _guard(state: AppState, route: str, chunks: AsyncIterator[str],
+                 error_frame: Callable[[BaseException], str]) -> AsyncIterator[str]:
+    """Run a stream to its end, or end it with `error_frame`; give its engine slot back.
 
     A stream that is cancelled or closed before its end lost its client (the engine request
-    is aborted by `serving.run`)."""
+    is aborted by `serving.Run`), unless the drain's deadline ended it.
+    """
     model = state.model_name
     ended = False
-    try:
-        async for chunk in chunks:
-            yield chunk
-        ended = True
-    except (APIError, EngineDeadError) as exc:
-        ended = True
-        if isinstance(exc, EngineDeadError):
-            state.mark_dead(exc)
-        status = exc.status if isinstance(exc, APIError) else 503
-        metrics.ERRORS.labels(route, model, error_type(status)).inc()
-        yield sse(json.dumps(error_body(str(exc), status)))
-        yield SSE_DONE
-    finally:
-        if not ended:
-            metrics.DISCONNECTS.labels(route, model).inc()
+    with state.drain.stream() as task:
+        try:
+            async for chunk in chunks:
+                yield chunk
+            ended = True
+        except asyncio.CancelledError:
+            if not state.drain.expired or task is None:
+                raise
+            task.uncancel()
+            ended = True
+            metrics.ERRORS.labels(route, model, error_type(503)).inc()
+            yield error_frame(_SHUTDOWN)
+        except Exception as exc:  # every failure after the 200 goes out as an error frame
+            ended = True
+            if isinstance(exc, EngineDeadError):
+                state.mark_dead(exc)
+            metrics.ERRORS.labels(route, model, error_type(to_api_error(exc).status)).inc()
+            yield error_frame(exc)
+        finally:
+            state.admission.release()
+            if not ended:
+                metrics.DISCONNECTS.labels(route, model).inc()
 
 
 async def _until_disconnect(request: Request) -> None:
@@ -98,29 +142,48 @@ async def _until_disconnect(request: Request) -> None:
         pass
 
 
-async def _respond(state: AppState, request: Request,
-                   work: Awaitable[dict[str, Any] | AsyncIterator[str]]) -> Response:
-    """Run a serving call; abort it if the client disconnects before a non-streamed answer."""
-    task = asyncio.ensure_future(work)
-    watch = asyncio.ensure_future(_until_disconnect(request))
+Result = dict[str, Any] | AsyncIterator[str] | ResponseStream
+
+
+async def _respond(state: AppState, request: Request, route: str,
+                   work: Callable[[], Awaitable[Result]]) -> Response:
+    """Take an engine slot, run a serving call; abort it if the client leaves before a
+    non-streamed answer; hand the slot to the stream when the answer is one."""
+    await state.admission.acquire(route, state.model_name)
+    handed_over = False
     try:
-        done, _ = await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+        task = asyncio.ensure_future(work())
+        watch = asyncio.ensure_future(_until_disconnect(request))
+        with state.drain.stream() as me:
+            try:
+                done, _ = await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+            except asyncio.CancelledError:
+                if not state.drain.expired or me is None:
+                    raise
+                me.uncancel()
+                task.cancel()
+                raise _SHUTDOWN from None
+            finally:
+                watch.cancel()
+        if task not in done:
+            task.cancel()  # cancels the engine run, whose `finally` aborts the request
+            metrics.DISCONNECTS.labels(route, state.model_name).inc()
+            return Response(status_code=499)
+        try:
+            result = task.result()
+        except EngineDeadError as exc:
+            state.mark_dead(exc)
+            raise
+        if isinstance(result, dict):
+            return JSONResponse(result)
+        frame = result.error_frame if isinstance(result, ResponseStream) else _sse_error_and_done
+        handed_over = True
+        return StreamingResponse(_guard(state, route, aiter(result), frame),
+                                 media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     finally:
-        watch.cancel()
-    if task not in done:
-        task.cancel()  # cancels the engine run, whose `finally` aborts the request
-        metrics.DISCONNECTS.labels(metrics.route_of(request.url.path), state.model_name).inc()
-        return Response(status_code=499)
-    try:
-        result = task.result()
-    except EngineDeadError as exc:
-        state.mark_dead(exc)
-        raise
-    if isinstance(result, dict):
-        return JSONResponse(result)
-    return StreamingResponse(_guard(state, metrics.route_of(request.url.path), result),
-                             media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        if not handed_over:
+            state.admission.release()
 
 
 def create_app(state: AppState) -> FastAPI:
@@ -128,6 +191,15 @@ def create_app(state: AppState) -> FastAPI:
                   description="OpenAI-compatible server for merged Japanese LLMs on vLLM.")
     app.state.moegi = state
     install_handlers(app)
+    # Innermost first: the body bound, the key, then metrics (which also count the 401s and
+    # 413s) and the error boundary outermost (an escaped error is still an envelope).
+    app.add_middleware(BodyLimitMiddleware, max_bytes=state.max_request_bytes)
+    if state.api_key:
+        app.add_middleware(AuthMiddleware, api_key=state.api_key)
+    app.add_middleware(metrics.MetricsMiddleware, model=lambda: state.model_name)
+    app.add_middleware(ErrorBoundary)
+    if state.model is not None:
+        metrics.set_model_info(state.model)
     # vLLM's engine registers its `vllm:*` metrics in prometheus_client's default registry,
     # beside moegi's `moegi_*` (serve/metrics.py). /metrics sits behind --api-key like every
     # route but /health (Prometheus sends the key with `authorization: {credentials_file: ...}`).
@@ -136,27 +208,6 @@ def create_app(state: AppState) -> FastAPI:
     @app.get("/metrics", include_in_schema=False)
     async def prometheus_metrics() -> Response:
         return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
-    key_digest = hashlib.sha256(state.api_key.encode()).digest() if state.api_key else None
-
-    @app.middleware("http")
-    async def auth(request: Request, call_next: Callable[[Request], Awaitable[Response]]
-                   ) -> Response:
-        if key_digest is not None and request.url.path not in OPEN_PATHS:
-            header = request.headers.get("authorization", "")
-            scheme, _, token = header.partition(" ")
-            given = hashlib.sha256(token.strip().encode()).digest()
-            # Compare digests in constant time; the scheme is case-insensitive (RFC 7235).
-            if scheme.lower() != "bearer" or not hmac.compare_digest(given, key_digest):
-                return error_response(APIError(
-                    "missing or wrong API key: send 'Authorization: Bearer <key>' with the "
-                    "server's --api-key", 401, code="invalid_api_key"),
-                    headers={"WWW-Authenticate": "Bearer"})
-        return await call_next(request)
-
-    # Outermost, so it also counts the 401s of `auth` above; /metrics and /health unmetered.
-    app.add_middleware(metrics.MetricsMiddleware, model=lambda: state.model_name)
-    if state.model is not None:
-        metrics.set_model_info(state.model)
 
     @app.get("/health")
     async def health() -> Response:
@@ -180,18 +231,39 @@ def create_app(state: AppState) -> FastAPI:
             "id": model.name, "object": "model", "created": model.created, "owned_by": "moegi",
             "max_model_len": model.max_model_len, "chat_template": model.template_name,
             "preset": model.preset, "stop": list(model.stops.strings([])),
-            "eos_truncation": model.stops.enforce, "sentence_trim": model.sentence_trim,
+            "eos_truncation": model.stops.eos_truncation, "sentence_trim": model.sentence_trim,
             "default_system_prompt": model.default_system,
         }]}
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatCompletionRequest, request: Request) -> Response:
         engine, model = state.ready()
-        return await _respond(state, request, chat_completion(engine, model, req))
+        req = req.with_defaults(model.sampling_defaults)
+        return await _respond(state, request, "/v1/chat/completions",
+                              lambda: chat_completion(engine, model, req))
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request) -> Response:
         engine, model = state.ready()
-        return await _respond(state, request, completion(engine, model, req))
+        req = req.with_defaults(model.sampling_defaults)
+        return await _respond(state, request, "/v1/completions",
+                              lambda: completion(engine, model, req))
+
+    @app.post("/v1/responses")
+    async def responses(req: ResponsesRequest, request: Request) -> Response:
+        engine, model = state.ready()
+        req = req.with_defaults(model.sampling_defaults)
+        return await _respond(state, request, "/v1/responses",
+                              lambda: create_response(engine, model, req))
+
+    @app.post("/tokenize")
+    async def tokenize_route(req: TokenizeRequest) -> dict[str, Any]:
+        _, model = state.ready()
+        return await tokenize(model, req)
+
+    @app.post("/detokenize")
+    async def detokenize_route(req: DetokenizeRequest) -> dict[str, Any]:
+        _, model = state.ready()
+        return await detokenize(model, req)
 
     return app

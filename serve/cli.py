@@ -1,22 +1,26 @@
-"""`moegi-serve` / `python -m serve`: parse flags, bind the HTTP port, load the engine, serve.
+"""`moegi-serve` / `python -m serve`: check the settings, bind the port, load the engine, serve.
 
-The port is bound first and the engine loads behind it, so `/health` answers 503 while the
-model loads (what orchestrators and Compose healthchecks expect). A failed load or a dead
-engine ends the process with exit code 1.
+Everything that can be checked is checked before the model loads (a bad template, preset,
+path or engine option fails in a second, not after minutes of loading). The port is bound
+first and the engine loads behind it, so `/health` answers 503 while the model loads (what
+orchestrators and Compose healthchecks expect). A failed load or a dead engine ends the
+process with exit code 1; SIGTERM drains (lifecycle.py) and ends it with 0.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
 from serve import metrics
+from serve.admission import Admission
 from serve.app import AppState, create_app
-from serve.config import EngineConfig, ServerConfig, parse
+from serve.config import Settings, check_before_load, parse
+from serve.lifecycle import Drain, Liveness, reap_children, watchdog
 from serve.serving import ServedModel
 
 log = logging.getLogger("moegi")
@@ -24,86 +28,92 @@ log = logging.getLogger("moegi")
 DEFAULT_MODEL = "tiny-chat"  # the embedded model built by serve/tiny (see README)
 
 
-def served_name(server: ServerConfig, engine: EngineConfig) -> str:
-    return server.served_model_name or Path(engine.model.rstrip("/")).name
+def served_name(settings: Settings) -> str:
+    return settings.served_model_name or Path(settings.model.rstrip("/")).name
 
 
-def load_model(server: ServerConfig, engine: EngineConfig, max_model_len: int) -> ServedModel:
+def load_model(settings: Settings, max_model_len: int) -> ServedModel:
     """Tokenizer, template, preset and stop policy for the model being served."""
     from transformers import AutoTokenizer
 
     from serve.presets import resolve
 
-    tokenizer = AutoTokenizer.from_pretrained(engine.tokenizer or engine.model,
-                                              trust_remote_code=engine.trust_remote_code)
-    return resolve(server, engine, tokenizer, served_name(server, engine), max_model_len)
+    tokenizer = AutoTokenizer.from_pretrained(settings.tokenizer or settings.model,
+                                              trust_remote_code=settings.trust_remote_code)
+    return resolve(settings, tokenizer, served_name(settings), max_model_len)
 
 
-async def _serve(server_cfg: ServerConfig, engine_cfg: EngineConfig) -> int:
+async def _serve(settings: Settings) -> int:
     import uvicorn
 
     from serve.vllm_engine import VllmEngine
 
+    loaded: list[VllmEngine] = []
+    drain = Drain()
+
     class Server(uvicorn.Server):
-        """Ends the engine inside uvicorn's shutdown: once `serve()` returns, uvicorn re-raises
-        the SIGTERM/SIGINT it caught, and the process would die before code after it ran."""
+        """Drains on SIGTERM, then ends the engine inside uvicorn's shutdown, and exits with
+        our own code: uvicorn would re-raise the signal it caught once `serve()` returns."""
 
         async def shutdown(self, sockets: Any = None) -> None:
-            await super().shutdown(sockets)
-            for engine in loaded:
-                await asyncio.to_thread(engine.shutdown)
-            await asyncio.to_thread(_reap_children)
+            expiry = drain.start(settings.shutdown_timeout_s)
+            try:
+                await super().shutdown(sockets)
+            finally:
+                expiry.cancel()
+                for engine in loaded:
+                    await asyncio.to_thread(engine.shutdown)
+                await asyncio.to_thread(reap_children)
+                self._captured_signals.clear()  # exit with our code, not the signal's
 
-    loaded: list[VllmEngine] = []
-    state = AppState(api_key=server_cfg.api_key)
+    state = AppState(api_key=settings.key(), max_request_bytes=settings.max_request_bytes,
+                     admission=Admission(settings.max_running_requests,
+                                         settings.max_waiting_requests, settings.max_wait_s),
+                     liveness=Liveness(settings.engine_stall_s), drain=drain)
     app = create_app(state)
-    server = Server(uvicorn.Config(app, host=server_cfg.host, port=server_cfg.port,
-                                   log_level=server_cfg.log_level, access_log=False))
+    # Past the drain's deadline uvicorn closes what is left (a client that stopped reading).
+    server = Server(uvicorn.Config(app, host=settings.host, port=settings.port,
+                                   log_level=settings.log_level, access_log=False,
+                                   timeout_graceful_shutdown=int(settings.shutdown_timeout_s) + 3))
     state.on_dead = lambda: setattr(server, "should_exit", True)
     serving = asyncio.create_task(server.serve())
+    guard = None
     try:
         # vLLM labels its metrics with this name, so dashboards filter both families alike.
-        engine = await asyncio.to_thread(VllmEngine, engine_cfg, served_name(server_cfg, engine_cfg))
+        engine = await asyncio.to_thread(VllmEngine, settings.engine_args(), served_name(settings))
         loaded.append(engine)
-        state.model = load_model(server_cfg, engine_cfg, engine.max_model_len)
+        state.model = load_model(settings, engine.max_model_len)
         metrics.set_model_info(state.model)
-        state.engine = engine
-        log.info("serving %s as %r on http://%s:%d (template: %s)", engine_cfg.model,
-                 state.model.name, server_cfg.host, server_cfg.port, state.model.template_name)
+        state.set_engine(engine)
+        assert state.engine is not None
+        guard = asyncio.create_task(watchdog(state.engine, state.mark_dead))
+        log.info("serving %s as %r on http://%s:%d (template: %s)", settings.model,
+                 state.model.name, settings.host, settings.port, state.model.template_name)
     except Exception:
         log.exception("could not start the engine")
         state.dead = True
         server.should_exit = True
     await serving
+    if guard is not None:
+        guard.cancel()
     return 1 if state.dead else 0
 
 
-def _reap_children(timeout: float = 10.0) -> None:
-    """End whatever the engine's own shutdown left running (its engine core and workers).
-
-    vLLM's shutdown ends them when the engine is up; an engine still loading when SIGTERM
-    arrives (docker stop, a Kubernetes rollout) has no handle to shut down yet, and its
-    `VLLM::Worker` would outlive the server holding the model's memory.
-    """
-    import psutil
-
-    children = psutil.Process().children(recursive=True)
-    for child in children:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            child.terminate()
-    _, alive = psutil.wait_procs(children, timeout=timeout)
-    for child in alive:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            child.kill()
-
-
 def main(argv: list[str] | None = None) -> None:
-    server_cfg, engine_cfg = parse(argv)
-    logging.basicConfig(level=server_cfg.log_level.upper(),
+    # vLLM's CPU backend otherwise sizes its KV cache from --gpu-memory-utilization (90% of RAM,
+    # which a shared host rarely has free); 1 GiB holds the embedded model's every context.
+    # Set VLLM_CPU_KVCACHE_SPACE (GiB) yourself for a real model on a CPU host.
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    settings = parse(argv)
+    logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if not engine_cfg.model:
+    if not settings.model:
         from serve.tiny.build import ensure_model
 
-        engine_cfg.model = str(ensure_model(DEFAULT_MODEL))
-        server_cfg.served_model_name = server_cfg.served_model_name or DEFAULT_MODEL
-    sys.exit(asyncio.run(_serve(server_cfg, engine_cfg)))
+        settings.model = str(ensure_model(DEFAULT_MODEL))
+        settings.served_model_name = settings.served_model_name or DEFAULT_MODEL
+    try:
+        check_before_load(settings)
+    except ValueError as exc:
+        raise SystemExit(f"moegi-serve: {exc}") from None
+    sys.exit(asyncio.run(_serve(settings)))

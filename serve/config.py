@@ -1,123 +1,222 @@
-"""Server and engine settings: two dataclasses whose field docs generate the command line.
+"""Server settings: one validated pydantic-settings model, from flags and `MOEGI_*` variables.
 
-Each field's `help` metadata is its documentation and its `--flag` help; `MOEGI_<FIELD>`
-environment variables give defaults (so secrets such as the API key need not sit on a command
-line). Cross-field checks fail fast at start-up with a message that names the fix.
+Every field is a `--flag` and a `MOEGI_<FIELD>` environment variable (flags win); its description
+is the `--help` text and the README's. Values are validated when the process starts, before any
+model loads: `MOEGI_EOS_TRUNCATION=flase` or `--port 80a` is an error that names the setting,
+and so is an unknown chat template, preset, or vLLM engine option (`check_before_load`).
+
+The engine fields keep vLLM's `AsyncEngineArgs` names; any other engine option goes through
+`--engine-arg NAME=VALUE` (repeatable, checked against vLLM's own list before loading).
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import os
-from dataclasses import dataclass, field
-from types import UnionType
-from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, CliApp, SettingsConfigDict
+
+# Fields that go to vLLM's AsyncEngineArgs under the same name.
+ENGINE_FIELDS = ("model", "tokenizer", "dtype", "max_model_len", "tensor_parallel_size",
+                 "pipeline_parallel_size", "distributed_executor_backend",
+                 "gpu_memory_utilization", "quantization", "enforce_eager", "seed",
+                 "max_num_seqs", "max_logprobs", "trust_remote_code")
 
 
-def _f(default: Any, help: str, **kw: Any) -> Any:
-    return field(default=default, metadata={"help": help, **kw})
+class Settings(BaseSettings):
+    """moegi-serve: an OpenAI-compatible server for (merged, quantized) Japanese LLMs on vLLM."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="MOEGI_", cli_prog_name="moegi-serve", cli_kebab_case=True,
+        cli_implicit_flags=True, cli_avoid_json=True, cli_exit_on_error=True,
+        cli_hide_none_type=True, extra="ignore", validate_default=True)
+
+    # --- HTTP front end ---
+    host: str = Field("127.0.0.1", description="Address to bind.")
+    port: int = Field(8000, ge=1, le=65535, description="Port to bind.")
+    served_model_name: str | None = Field(
+        None, description="Model id clients send and /v1/models lists (default: the model "
+        "folder's name).")
+    chat_template: str | None = Field(
+        None, description="Template name from chat_templates/ (llama-2-chat, alpaca, alpaca-ja, "
+        "alpaca-ja-bare) or a .jinja path.")
+    preset: str | None = Field(
+        None, description="Model preset from chat_templates/presets.json (template, system prompt, stops, "
+        "sampling); matched from the model name when unset; 'none' turns that off.")
+    default_system_prompt: str | None = Field(
+        None, description="System prompt for conversations that bring none (default: the "
+        "preset's).")
+    eos_truncation: bool = Field(
+        True, description="Stop on the EOS token's text and the template's turn markers, not "
+        "only on the EOS id.")
+    sentence_trim: bool | None = Field(
+        None, description="When the length limit is hit, trim replies back to the last sentence "
+        "end (default: the preset's, else off).")
+    api_key: SecretStr | None = Field(
+        None, description="Require 'Authorization: Bearer KEY' on every route but /health "
+        "(prefer MOEGI_API_KEY to the flag: flags show in `ps`).")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
+
+    # --- Bounds on the work one request may ask for (each refused with a 400 naming it) ---
+    max_request_bytes: int = Field(2 << 20, ge=1024, description="Largest request body, bytes "
+                                   "(413 past it).")
+    max_prompts: int = Field(32, ge=1, description="Most prompts in one /v1/completions batch.")
+    max_choices: int = Field(64, ge=1, description="Most choices per request: n times the "
+                             "number of prompts.")
+    max_stop: int = Field(16, ge=0, description="Most stop strings per request.")
+    max_stop_length: int = Field(256, ge=1, description="Longest stop string, characters.")
+    max_stop_token_ids: int = Field(64, ge=0, description="Most stop_token_ids per request.")
+    max_logit_bias: int = Field(300, ge=0, description="Most logit_bias entries per request.")
+    # --- Overload and shutdown ---
+    max_running_requests: int = Field(
+        256, ge=1, description="Requests admitted to the engine at once; more wait in line.")
+    max_waiting_requests: int = Field(
+        512, ge=0, description="Requests that may wait for a slot; past it: 429 with Retry-After.")
+    max_wait_s: float = Field(
+        30.0, gt=0, description="Longest wait for a slot; past it: 503 with Retry-After (the "
+        "engine is saturated).")
+    shutdown_timeout_s: float = Field(
+        20.0, ge=0, description="On SIGTERM, time in-flight requests get to finish; the rest "
+        "end with an error chunk. Keep it under the orchestrator's grace period (Kubernetes: "
+        "30 s).")
+    engine_stall_s: float = Field(
+        60.0, gt=0, description="An engine that produces nothing this long while it has "
+        "requests is hung: /health answers 503.")
+
+    # --- vLLM engine (AsyncEngineArgs names) ---
+    model: str = Field("", description="Model folder or hub id (default: the embedded tiny-chat).")
+    tokenizer: str | None = Field(None, description="Tokenizer folder if not the model's.")
+    dtype: Literal["auto", "bfloat16", "float16", "float32", "half", "float"] = Field(
+        "auto", description="Weight and activation dtype.")
+    max_model_len: int | None = Field(None, ge=16, description="Context length (prompt + "
+                                      "completion) in tokens.")
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs per model replica that split "
+                                      "each layer (vLLM TP).")
+    pipeline_parallel_size: int = Field(1, ge=1, description="Pipeline stages; with Ray these "
+                                        "may span machines.")
+    distributed_executor_backend: Literal["mp", "ray", "uni"] | None = Field(
+        None, description="mp on one machine, ray across machines (vLLM's executor).")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="Fraction of GPU memory "
+                                          "vLLM may use.")
+    quantization: str | None = Field(None, description="Quantization method (awq, awq_marlin, "
+                                     "...); read from the checkpoint when unset.")
+    enforce_eager: bool = Field(False, description="Skip graph compilation (faster start, "
+                                "slower decode).")
+    seed: int = Field(0, description="Engine seed for reproducible sampling.")
+    max_num_seqs: int | None = Field(None, ge=1, description="Most sequences decoded in one "
+                                     "batch.")
+    max_logprobs: int = Field(20, ge=0, description="Most top_logprobs / logprobs a request may "
+                              "ask for.")
+    trust_remote_code: bool = Field(False, description="Allow the model folder's own Python code.")
+    engine_arg: list[str] = Field(
+        default_factory=list, description="Any other vLLM engine option, as NAME=VALUE "
+        "(repeatable; VALUE is JSON or a string), e.g. --engine-arg kv_cache_dtype=fp8.")
+
+    @field_validator("api_key")
+    @classmethod
+    def _key(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None:
+            key = v.get_secret_value()
+            if not key.strip():
+                raise ValueError("the API key is empty: give a key or leave the option out")
+            if key != key.strip():
+                raise ValueError("the API key starts or ends with white space, which no client "
+                                 "sends: remove it")
+        return v
+
+    @field_validator("engine_arg")
+    @classmethod
+    def _engine_args(cls, v: list[str]) -> list[str]:
+        for item in v:
+            if "=" not in item or not item.split("=", 1)[0].strip():
+                raise ValueError(f"{item!r} is not NAME=VALUE")
+        return v
+
+    def key(self) -> str | None:
+        return self.api_key.get_secret_value() if self.api_key else None
+
+    def engine_args(self) -> dict[str, Any]:
+        """Keyword arguments for vLLM's AsyncEngineArgs."""
+        args = {name: getattr(self, name) for name in ENGINE_FIELDS}
+        args = {k: v for k, v in args.items() if v is not None}
+        for item in self.engine_arg:
+            name, _, raw = item.partition("=")
+            try:
+                value = json.loads(raw)
+            except json.JSONDecodeError:
+                value = raw
+            args[name.strip().replace("-", "_")] = value
+        return args
 
 
-@dataclass
-class EngineConfig:
-    """What `vllm_engine.py` passes to vLLM's `AsyncEngineArgs` (names kept identical)."""
+@dataclass(frozen=True)
+class Limits:
+    """The per-request bounds the serving layer enforces (a view of Settings)."""
 
-    model: str = _f("", "Model folder or hub id (default: the embedded tiny model).")
-    tokenizer: str | None = _f(None, "Tokenizer folder if not the model's.")
-    dtype: str = _f("auto", "Weight/activation dtype: auto, bfloat16, float16, float32.")
-    max_model_len: int | None = _f(None, "Context length (prompt + completion) in tokens.")
-    tensor_parallel_size: int = _f(1, "GPUs per model replica that split each layer (vLLM TP).")
-    pipeline_parallel_size: int = _f(1, "Pipeline stages; with Ray these may span machines.")
-    distributed_executor_backend: Literal["mp", "ray", "uni"] | None = _f(
-        None, "mp on one machine, ray across machines (vLLM's executor)."
-    )
-    gpu_memory_utilization: float = _f(0.9, "Fraction of GPU memory vLLM may use.")
-    quantization: str | None = _f(None, "Quantization method (awq, awq_marlin, ...); auto if unset.")
-    enforce_eager: bool = _f(False, "Skip graph compilation (faster start, slower decode).")
-    seed: int = _f(0, "Engine seed for reproducible sampling.")
-    max_num_seqs: int | None = _f(None, "Most sequences decoded in one batch.")
-    trust_remote_code: bool = _f(False, "Allow the model folder's own Python code.")
+    max_prompts: int = 32
+    max_choices: int = 64
+    max_stop: int = 16
+    max_stop_length: int = 256
+    max_stop_token_ids: int = 64
+    max_logit_bias: int = 300
+    max_logprobs: int = 20
+
+    @classmethod
+    def of(cls, s: Settings) -> Limits:
+        return cls(s.max_prompts, s.max_choices, s.max_stop, s.max_stop_length,
+                   s.max_stop_token_ids, s.max_logit_bias, s.max_logprobs)
 
 
-@dataclass
-class ServerConfig:
-    """HTTP front end settings."""
+def check_before_load(settings: Settings) -> None:
+    """What can be checked before the engine starts: template, preset, paths, engine options.
 
-    host: str = _f("127.0.0.1", "Address to bind.")
-    port: int = _f(8000, "Port to bind.")
-    served_model_name: str | None = _f(
-        None, "Model id clients send and /v1/models lists (default: the model folder's name)."
-    )
-    chat_template: str | None = _f(
-        None, "Template name from chat_templates/ (llama-2-chat, alpaca, ...) or a .jinja path."
-    )
-    preset: str | None = _f(
-        None, "Model preset from serve/presets.json (template, system prompt, stops, sampling); "
-        "matched automatically from the model name when unset; 'none' turns that off.")
-    default_system_prompt: str | None = _f(
-        None, "System prompt for conversations that bring none (default: the preset's).")
-    eos_truncation: bool = _f(
-        True, "Stop on the EOS token's text and the template's turn markers, not only the EOS id.")
-    sentence_trim: bool | None = _f(
-        None, "When the length limit is hit, trim replies back to the last sentence end "
-        "(default: the preset's, else off).")
-    api_key: str | None = _f(
-        None, "Require 'Authorization: Bearer KEY' on every route but /health.", secret=True
-    )
-    log_level: Literal["debug", "info", "warning", "error"] = _f("info", "Log level.")
+    Raises ValueError with a message that names the fix.
+    """
+    import chat_templates
+    from chat_templates.presets import PRESETS
 
-
-def _parse_bool(v: str) -> bool:
-    return v.lower() in {"1", "true", "yes", "on"}
+    if settings.chat_template:
+        chat_templates.load(settings.chat_template)
+    if settings.preset and settings.preset != "none" and settings.preset not in PRESETS:
+        raise ValueError(f"unknown --preset {settings.preset!r}: use one of "
+                         f"{', '.join(sorted(PRESETS))} or none")
+    for name in ("model", "tokenizer"):
+        value = getattr(settings, name)
+        if value and (value.startswith((".", "/", "~")) or Path(value).exists()):
+            if not (Path(value).expanduser() / "config.json").is_file() and name == "model":
+                raise ValueError(f"--model {value}: no config.json there; pass a model folder "
+                                 "(or a hub id)")
+            if not Path(value).expanduser().exists():
+                raise ValueError(f"--{name} {value}: no such folder")
+    known = _engine_arg_names()
+    unknown = sorted(set(settings.engine_args()) - known) if known else []
+    if unknown:
+        raise ValueError(f"unknown vLLM engine option(s) {', '.join(unknown)}: see vLLM's "
+                         "AsyncEngineArgs for the names --engine-arg takes")
 
 
-def _add_fields(parser: argparse._ActionsContainer, cls: type) -> None:
-    hints = get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        flag = "--" + f.name.replace("_", "-")
-        env = "MOEGI_" + f.name.upper()
-        default = os.environ.get(env, f.default)
-        help_ = f.metadata["help"] + f" [env {env}]"
-        kind = hints[f.name]
-        if _unwrap_optional(kind) is bool:
-            default = _parse_bool(default) if isinstance(default, str) else default
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
-                                help=help_)
-            continue
-        base = _unwrap_optional(kind)
-        choices = list(get_args(base)) if get_origin(base) is Literal else None
-        conv: type = str if choices else base
-        if default is not None and not isinstance(default, conv):
-            default = conv(default)
-        parser.add_argument(flag, type=conv, default=default, choices=choices, help=help_,
-                            metavar=None if choices else f.name.upper())
+def _engine_arg_names() -> set[str]:
+    try:
+        import dataclasses
+
+        from vllm.engine.arg_utils import AsyncEngineArgs
+    except ImportError:  # the quantize environment has no vLLM; nothing to check against
+        return set()
+    return {f.name for f in dataclasses.fields(AsyncEngineArgs)}
 
 
-def _unwrap_optional(kind: Any) -> Any:
-    """`X | None` -> X; anything else unchanged."""
-    if get_origin(kind) in (Union, UnionType):
-        return next(a for a in get_args(kind) if a is not type(None))
-    return kind
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="moegi-serve",
-        description="OpenAI-compatible server for (merged, quantized) Japanese LLMs on vLLM.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    _add_fields(parser.add_argument_group("server"), ServerConfig)
-    _add_fields(parser.add_argument_group("engine (vLLM)"), EngineConfig)
-    return parser
-
-
-def parse(argv: list[str] | None = None) -> tuple[ServerConfig, EngineConfig]:
-    ns = vars(build_parser().parse_args(argv))
-    server = ServerConfig(**{f.name: ns[f.name] for f in dataclasses.fields(ServerConfig)})
-    engine = EngineConfig(**{f.name: ns[f.name] for f in dataclasses.fields(EngineConfig)})
-    if not 0 < engine.gpu_memory_utilization <= 1:
-        raise SystemExit("--gpu-memory-utilization must be in (0, 1], for example 0.9")
-    if server.api_key is not None and not server.api_key.strip():
-        raise SystemExit("--api-key is empty: give a key or leave the option out")
-    return server, engine
+def parse(argv: list[str] | None = None) -> Settings:
+    """Flags and environment -> Settings; a bad value exits 2 with the setting's name."""
+    try:
+        return CliApp.run(Settings, cli_args=sys.argv[1:] if argv is None else argv)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            name = ".".join(str(p) for p in err["loc"]) or "settings"
+            flag = "--" + name.replace("_", "-")
+            lines.append(f"  {flag} / MOEGI_{name.upper()}: {err['msg']}")
+        raise SystemExit("moegi-serve: invalid settings\n" + "\n".join(lines)) from None

@@ -10,11 +10,19 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 
 class EngineDeadError(RuntimeError):
     """The engine process died; the server answers 503 and exits so an orchestrator restarts it."""
+
+
+class EngineInputError(ValueError):
+    """The engine refused the request's input (a schema it cannot compile, say): a 400."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +48,10 @@ class SamplingSpec:
     logprobs: int | None = None  # number of top alternatives per sampled token; None: off
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
+    logit_bias: dict[int, float] | None = None
+    # Structured output: a JSON schema the reply must follow, or any JSON object.
+    json_schema: dict[str, Any] | None = None
+    json_object: bool = False
 
 
 @dataclass(slots=True)
@@ -70,19 +82,17 @@ class EngineStep:
 
     choices: list[ChoiceDelta]
     num_prompt_tokens: int
-    finished: bool
     prompt_logprobs: list[TokenLogprobs | None] | None = None  # first step only
 
 
 class Engine(Protocol):
-    """What the server needs from an inference engine: three methods and a name."""
-
-    model_path: str
+    """What the server needs from an inference engine: three methods."""
 
     def generate(
         self, prompt_token_ids: list[int], spec: SamplingSpec, request_id: str
     ) -> AsyncIterator[EngineStep]:
-        """Stream the request's output; raises EngineDeadError if the engine dies."""
+        """Stream the request's output; raises EngineDeadError if the engine dies and
+        EngineInputError if it refuses the input."""
         ...
 
     async def abort(self, request_id: str) -> None:

@@ -13,24 +13,20 @@ byte, and `/metrics` and `/health` (scrapes and probes) are left out of the requ
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from prometheus_client import Counter, Gauge, Histogram, Info
 
-from serve.errors import error_type
+from serve.errors import ASGIApp, Message, Receive, Scope, Send, error_type
 
 if TYPE_CHECKING:
     from serve.serving import ServedModel
 
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 # Label values are bounded: unknown paths are counted as "other" (scanners, typos).
-ROUTES = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/models", "/version"})
+ROUTES = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/models",
+                    "/tokenize", "/detokenize", "/version"})
 UNMETERED = frozenset({"/metrics", "/health"})
 
 _LATENCY = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0)
@@ -62,6 +58,11 @@ FINISHED = Counter("moegi_choices_finished",
                    "eos_text, turn_marker, stop_string, stop_token, sentence_trim, length)",
                    ["model", "finish_reason", "stop_type"])
 MODEL_INFO = Info("moegi_model", "The served model, its prompt format and EOS rules")
+REJECTED = Counter("moegi_rejected_requests", "Requests refused for overload: too_many_requests "
+                   "(429, the line was full) or engine_saturated (503, waited too long)",
+                   ["route", "model", "reason"])
+RUNNING = Gauge("moegi_requests_running", "Requests holding an engine slot (admission control)")
+WAITING = Gauge("moegi_requests_waiting", "Requests waiting for an engine slot")
 
 
 def route_of(path: str) -> str:
@@ -71,7 +72,7 @@ def route_of(path: str) -> str:
 def set_model_info(model: ServedModel) -> None:
     MODEL_INFO.info({"model": model.name, "template": model.template_name or "none",
                      "preset": model.preset or "none",
-                     "eos_truncation": str(model.stops.enforce).lower(),
+                     "eos_truncation": str(model.stops.eos_truncation).lower(),
                      "sentence_trim": str(model.sentence_trim).lower(),
                      "max_model_len": str(model.max_model_len)})
 

@@ -1,17 +1,35 @@
 """OpenAI wire models for requests, with moegi's extensions, and their conversion to sampling.
 
 Requests are pydantic models (so `/docs` is the API reference and bad input is a 400 in the
-OpenAI envelope, see errors.py). Responses are built as plain dicts in `serving_*.py`: per-chunk
-pydantic objects would cost more than the cheap serialisation the streaming path needs.
+OpenAI envelope, see errors.py). Every value is checked here against the range the engine
+accepts (seeds in int64, text without lone surrogates, ...) so that no client input reaches the
+engine in a form it would fail on; the checks that need the tokenizer or the server's limits
+are in `serving.check_request`. Responses are built as plain dicts in `serving_*.py`.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from serve.engine import SamplingSpec
+
+INT64 = 2**63
+
+
+def _valid_unicode(s: str) -> str:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("the text holds a lone surrogate (such as \\ud800), which is not "
+                         "valid Unicode: send valid UTF-8 text") from None
+    return s
+
+
+# Every string a client sends: lone surrogates are refused before anything else sees them.
+Text = Annotated[str, AfterValidator(_valid_unicode)]
+Seed = Annotated[int, Field(ge=-INT64, lt=INT64, description="Any signed 64-bit integer.")]
 
 
 class StreamOptions(BaseModel):
@@ -19,16 +37,16 @@ class StreamOptions(BaseModel):
 
 
 class TextPart(BaseModel):
-    type: Literal["text"]
-    text: str
+    type: Literal["text", "input_text", "output_text"]
+    text: Text
 
 
 class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant"] = Field(
         description="developer is treated as system; tool messages are not supported."
     )
-    content: str | list[TextPart] | None = None
-    name: str | None = None
+    content: Text | list[TextPart] | None = None
+    name: Text | None = None
 
     def text(self) -> str:
         if self.content is None:
@@ -38,12 +56,31 @@ class ChatMessage(BaseModel):
         return "".join(p.text for p in self.content)
 
 
-class _Sampling(BaseModel):
+class JsonSchemaFormat(BaseModel):
+    name: Text = "response"
+    description: Text | None = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("response_format of type json_schema needs 'json_schema': "
+                             "{'name': ..., 'schema': {...}}")
+        return self
+
+
+class SamplingRequest(BaseModel):
     """Fields shared by chat and text completions."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
 
-    model: str = Field(description="A model id from GET /v1/models.")
+    model: Text = Field(description="A model id from GET /v1/models.")
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1, le=64, description="Choices to generate (needs temperature > 0).")
@@ -52,12 +89,15 @@ class _Sampling(BaseModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=-1, description="Extension: sample from the k best (0 or -1: off).")
     min_p: float = Field(0.0, ge=0.0, le=1.0, description="Extension.")
-    seed: int | None = None
+    seed: Seed | None = None
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     repetition_penalty: float = Field(1.0, gt=0.0, le=2.0, description="Extension (1: off).")
-    stop: str | Annotated[list[str], Field(max_length=16)] | None = None
-    stop_token_ids: list[int] | None = Field(None, description="Extension.")
+    logit_bias: dict[Text, float] | None = Field(
+        None, description="Token id (as a string) -> bias in [-100, 100], added to its logit.")
+    stop: Text | list[Text] | None = None
+    stop_token_ids: list[int] | None = Field(None, description="Extension: token ids that end a "
+                                             "choice.")
     ignore_eos: bool = Field(False, description="Extension: do not stop on the EOS token.")
     skip_special_tokens: bool = Field(True, description="Extension.")
     include_stop_str_in_output: bool = Field(
@@ -65,24 +105,39 @@ class _Sampling(BaseModel):
     )
     eos_truncation: bool | None = Field(
         None, description="Extension: also stop on the EOS token's text (</s>) and on the "
-        "template's turn markers (### 指示:, [INST], ...). Default: the server's (on).")
+        "template's turn markers (### 指示:, ### 応答:, [INST], ...). Default: the server's (on).")
     sentence_trim: bool | None = Field(
         None, description="Extension: when the length limit is hit, trim the reply back to its "
         "last sentence end (。！？!?.). Default: the server's (off).")
     return_token_ids: bool = Field(
         False, description="Extension (as vLLM's): each choice also carries `token_ids`, the "
-        "generated token ids, and `prompt_token_ids`; a stream sends the new ids per chunk and "
+        "reply's token ids, and `prompt_token_ids`; a stream sends the new ids per chunk and "
         "the prompt's in its first chunk.")
-    user: str | None = None
+    response_format: ResponseFormat | None = Field(
+        None, description="text, json_object (any JSON object) or json_schema (with 'strict'): "
+        "the reply is constrained by vLLM's structured outputs (on /v1/completions too).")
+    user: Text | None = None
 
     @model_validator(mode="after")
-    def _check(self) -> _Sampling:
-        stops = [self.stop] if isinstance(self.stop, str) else self.stop or []
-        if any(not s for s in stops):
+    def _check(self) -> Self:
+        if any(not s for s in self.stop_list()):
             raise ValueError("'stop' strings must be non-empty")
         if self.n > 1 and self.temperature == 0.0:
             raise ValueError("n > 1 needs sampling: set temperature above 0 or use n = 1")
+        for key, bias in (self.logit_bias or {}).items():
+            if not key.isdigit() or not -100 <= bias <= 100:
+                raise ValueError(f"logit_bias maps token ids (as strings) to numbers in "
+                                 f"[-100, 100]; got {key!r}: {bias}")
         return self
+
+    def with_defaults(self, defaults: dict[str, Any]) -> Self:
+        """The same request with a preset's sampling defaults in the fields it left unset,
+        validated again like the request itself."""
+        missing = {k: v for k, v in defaults.items() if k not in self.model_fields_set}
+        if not missing:
+            return self
+        return self.model_validate({**missing, **self.model_dump(exclude_unset=True,
+                                                                 by_alias=True)})
 
     def stop_list(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -93,8 +148,19 @@ class _Sampling(BaseModel):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
+    def structured(self) -> tuple[dict[str, Any] | None, bool]:
+        """(JSON schema, any JSON object) the reply must follow; (None, False) for free text."""
+        fmt = self.response_format
+        if fmt is None or fmt.type == "text":
+            return None, False
+        if fmt.type == "json_object":
+            return None, True
+        assert fmt.json_schema is not None
+        return fmt.json_schema.schema_, False
+
     def to_spec(self, max_tokens: int, stop: tuple[str, ...], logprobs: int | None,
                 prompt_logprobs: int | None = None) -> SamplingSpec:
+        schema, json_object = self.structured()
         return SamplingSpec(
             max_tokens=max_tokens,
             n=self.n,
@@ -112,18 +178,22 @@ class _Sampling(BaseModel):
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
             skip_special_tokens=self.skip_special_tokens,
+            logit_bias={int(k): v for k, v in self.logit_bias.items()} if self.logit_bias else None,
+            json_schema=schema,
+            json_object=json_object,
         )
 
 
 _UNSUPPORTED_CHAT = {
-    "tools": "tool calling is not supported by moegi yet; leave 'tools' out",
-    "tool_choice": "tool calling is not supported by moegi yet; leave 'tool_choice' out",
+    "tools": "tool calling is not supported for these models' prompt formats; leave 'tools' out",
+    "tool_choice": "tool calling is not supported for these models' prompt formats; leave "
+                   "'tool_choice' out",
     "functions": "function calling is not supported; leave 'functions' out",
     "audio": "audio output is not supported; leave 'audio' out",
 }
 
 
-class ChatCompletionRequest(_Sampling):
+class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     add_generation_prompt: bool = Field(True, description="Extension: end with the reply header.")
     continue_final_message: bool = Field(
@@ -131,19 +201,16 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: int | None = Field(None, ge=1, description="Preferred to max_tokens.")
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    response_format: dict[str, Any] | None = None
     tools: Any = None
     tool_choice: Any = None
     functions: Any = None
     audio: Any = None
 
     @model_validator(mode="after")
-    def _check_chat(self) -> ChatCompletionRequest:
+    def _check_chat(self) -> Self:
         for name, why in _UNSUPPORTED_CHAT.items():
             if getattr(self, name) is not None:
                 raise ValueError(why)
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            raise ValueError("only response_format {'type': 'text'} is supported")
         if self.continue_final_message and self.add_generation_prompt:
             raise ValueError("continue_final_message needs add_generation_prompt: false")
         if self.top_logprobs and not self.logprobs:
@@ -157,17 +224,17 @@ class ChatCompletionRequest(_Sampling):
         return (self.top_logprobs or 0) if self.logprobs else None
 
 
-class CompletionRequest(_Sampling):
-    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+class CompletionRequest(SamplingRequest):
+    prompt: Text | list[Text] | list[int] | list[list[int]] = Field(
         description="Text, a batch of texts, token ids, or a batch of token id lists."
     )
     max_tokens: int | None = Field(16, ge=1, description="Most tokens to generate (OpenAI: 16).")
     echo: bool = Field(False, description="Return the prompt before the completion.")
     logprobs: int | None = Field(None, ge=0, le=20)
-    suffix: str | None = None
+    suffix: Text | None = None
 
     @model_validator(mode="after")
-    def _check_completion(self) -> CompletionRequest:
+    def _check_completion(self) -> Self:
         if self.suffix:
             raise ValueError("'suffix' (insertion) is not supported; leave it out")
         if isinstance(self.prompt, list) and not self.prompt:
@@ -182,3 +249,107 @@ class CompletionRequest(_Sampling):
         if all(isinstance(x, int) for x in p):
             return [list(p)]  # type: ignore[arg-type]
         return list(p)  # type: ignore[arg-type]
+
+
+class ResponseInputMessage(BaseModel):
+    """A message of a Responses `input` list (text parts only)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["message"] = "message"
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Text | list[TextPart]
+
+    def as_chat(self) -> ChatMessage:
+        return ChatMessage(role=self.role, content=self.content)
+
+
+class TextFormat(BaseModel):
+    """Responses' `text.format`: the same three kinds as chat's response_format, flattened."""
+
+    type: Literal["text", "json_object", "json_schema"] = "text"
+    name: Text = "response"
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class TextOptions(BaseModel):
+    format: TextFormat = Field(default_factory=lambda: TextFormat.model_validate({}))
+
+
+class ResponsesRequest(SamplingRequest):
+    """POST /v1/responses, stateless: text or message input, instructions, streaming."""
+
+    input: Text | list[ResponseInputMessage] = Field(
+        description="A text (one user message) or a list of messages.")
+    instructions: Text | None = Field(None, description="A system message placed first.")
+    max_output_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    text: TextOptions | None = None
+    store: bool | None = Field(None, description="moegi is stateless: leave it out or false.")
+    previous_response_id: Text | None = Field(None, description="Not supported (stateless).")
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    metadata: dict[Text, Text] | None = None
+
+    @model_validator(mode="after")
+    def _check_responses(self) -> Self:
+        if self.store:
+            raise ValueError("moegi's Responses API is stateless and stores nothing: send "
+                             "'store': false (or leave it out)")
+        if self.previous_response_id is not None:
+            raise ValueError("'previous_response_id' needs stored responses, which moegi does not "
+                             "keep: send the whole conversation in 'input' instead")
+        if self.tools:
+            raise ValueError("tools are not supported for these models' prompt formats; leave "
+                             "'tools' out")
+        if isinstance(self.input, list) and not self.input:
+            raise ValueError("'input' is empty: send a text or at least one message")
+        return self
+
+    def messages(self) -> list[ChatMessage]:
+        out = [ChatMessage(role="system", content=self.instructions)] if self.instructions else []
+        if isinstance(self.input, str):
+            return [*out, ChatMessage(role="user", content=self.input)]
+        return [*out, *(m.as_chat() for m in self.input)]
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_output_tokens
+
+    def structured(self) -> tuple[dict[str, Any] | None, bool]:
+        fmt = self.text.format if self.text else None
+        if fmt is None or fmt.type == "text":
+            return None, False
+        if fmt.type == "json_object":
+            return None, True
+        return fmt.schema_ or {}, False
+
+
+class TokenizeRequest(BaseModel):
+    """POST /tokenize, as vLLM's server has it: a prompt, or messages through the template."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: Text | None = None
+    prompt: Text | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool | None = Field(
+        None, description="Default: true for a prompt, false for messages (the template "
+        "writes BOS itself).")
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    return_token_strs: bool = False
+
+    @model_validator(mode="after")
+    def _one_input(self) -> Self:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("send exactly one of 'prompt' and 'messages'")
+        return self
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: Text | None = None
+    tokens: list[int] = Field(max_length=1 << 20)

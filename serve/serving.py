@@ -1,14 +1,18 @@
-"""What chat and text completions share: the served model, prompt checks, and the run loop.
+"""What chat, text completions and responses share: the served model, request checks, one
+engine run, and SSE framing.
 
-`ServedModel` is one model behind the API: its tokenizer, context length, chat template and stop
-policy. `run` drives one engine request and turns engine deltas into per-choice events that have
-passed the `TextGate` (stop strings cut, partial stops held back, optional sentence trim);
-`serving_chat.py` and `serving_completion.py` only format those events for the wire.
+`ServedModel` is one model behind the API: its tokenizer, context length, chat template, stop
+policy and limits. `check_request` applies the checks that need them (token ids in the
+vocabulary, the per-request bounds). `Run` drives one engine request and turns engine deltas
+into per-choice events that have passed the `TextGate` (stop strings cut, partial stops held
+back, optional sentence trim, tokens aligned with the text); the `serving_*` modules only
+format those events for the wire.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -16,10 +20,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from serve import metrics
-from serve.engine import Engine, EngineStep, SamplingSpec, TokenLogprobs
+from serve.config import Limits
+from serve.engine import Engine, SamplingSpec, TokenLogprobs
 from serve.errors import APIError
+from serve.protocol import SamplingRequest
 from serve.stops import StopPolicy
-from serve.textgate import TextGate
+from serve.textgate import GatedToken, TextGate
+
+# Inputs longer than this are tokenized off the event loop, so /health never waits on them.
+_INLINE_TOKENIZE_CHARS = 4096
 
 
 @dataclass
@@ -36,32 +45,45 @@ class ServedModel:
     default_system: str | None = None  # used when a conversation has no system message
     sentence_trim: bool = False  # server default for the sentence-safe length limit
     sampling_defaults: dict[str, Any] = field(default_factory=dict)  # the preset's
+    limits: Limits = field(default_factory=Limits)
     created: int = field(default_factory=lambda: int(time.time()))
-    _token_strs: dict[int, tuple[str, list[int]]] = field(default_factory=dict, repr=False)
+    _bytes: dict[int, bytes] = field(default_factory=dict, repr=False)
 
-    def token_str(self, token_id: int) -> tuple[str, list[int]]:
-        """A token as OpenAI logprobs show it: text and UTF-8 bytes (cached per id).
+    @property
+    def vocab_size(self) -> int:
+        return len(self.tokenizer)
 
-        A byte-fallback piece such as <0xE6> is half a character: its text is written
-        "bytes:\\xe6" (as OpenAI does) and its bytes are the raw byte.
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes a token adds to the detokenized text (cached per id).
+
+        A byte-fallback piece such as <0xE6> is that one byte (half a character); a special
+        token (BOS, EOS) adds nothing, as the text skips it; SentencePiece's "▁" is a space.
         """
-        hit = self._token_strs.get(token_id)
+        hit = self._bytes.get(token_id)
         if hit is None:
             piece = self.tokenizer.convert_ids_to_tokens(token_id) or ""
             if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
-                b = bytes([int(piece[3:5], 16)])
-                hit = (f"bytes:\\x{b[0]:02x}", list(b))
+                hit = bytes([int(piece[3:5], 16)])
+            elif token_id in self.tokenizer.all_special_ids:
+                hit = b""
             else:
-                text = piece.replace("▁", " ")
-                hit = (text, list(text.encode("utf-8")))
-            self._token_strs[token_id] = hit
+                hit = piece.replace("▁", " ").encode("utf-8")
+            self._bytes[token_id] = hit
         return hit
 
-    def apply_defaults(self, req: Any) -> None:
-        """Fill the preset's sampling defaults into fields the request did not set."""
-        for key, value in self.sampling_defaults.items():
-            if key not in req.model_fields_set:
-                setattr(req, key, value)
+    def token_str(self, token_id: int) -> str:
+        """A token as OpenAI logprobs show it (special tokens by their own text)."""
+        raw = self.token_bytes(token_id)
+        if not raw and token_id in self.tokenizer.all_special_ids:
+            return str(self.tokenizer.convert_ids_to_tokens(token_id))
+        return bytes_text(raw)
+
+    async def encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        """Token ids of `text`; long texts are tokenized in a thread, off the event loop."""
+        if len(text) <= _INLINE_TOKENIZE_CHARS:
+            return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
+        return list(await asyncio.to_thread(self.tokenizer.encode, text,
+                                            add_special_tokens=add_special_tokens))
 
     def check_length(self, num_prompt: int, requested: int | None, param: str = "messages") -> int:
         """Validate prompt and completion length against the context; return max_tokens."""
@@ -81,13 +103,51 @@ class ServedModel:
         return requested
 
 
-def check_model(served: ServedModel, req: Any) -> None:
-    """404 for an unknown model id; then apply the model's preset defaults to the request."""
-    requested = req.model
-    if requested != served.name:
-        raise APIError(f"model {requested!r} does not exist; this server serves {served.name!r} "
+def bytes_text(raw: bytes) -> str:
+    """Bytes as a logprobs `token`: the text, or `bytes:\\xe6\\x97` for part of a character."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+
+
+def check_request(model: ServedModel, req: SamplingRequest, prompts: int = 1,
+                  logprobs: int | None = None) -> None:
+    """404 for an unknown model; 400 for what the server's limits or the vocabulary refuse."""
+    if req.model != model.name:
+        raise APIError(f"model {req.model!r} does not exist; this server serves {model.name!r} "
                        "(see GET /v1/models)", 404, "model", "model_not_found")
-    served.apply_defaults(req)
+    lim, vocab = model.limits, model.vocab_size
+    stops = req.stop_list()
+    if len(stops) > lim.max_stop:
+        raise APIError(f"{len(stops)} stop strings; the limit is {lim.max_stop} (--max-stop)",
+                       400, "stop", "too_many_stop_strings")
+    if any(len(s) > lim.max_stop_length for s in stops):
+        raise APIError(f"a stop string is longer than {lim.max_stop_length} characters "
+                       "(--max-stop-length)", 400, "stop", "stop_string_too_long")
+    ids = req.stop_token_ids or []
+    if len(ids) > lim.max_stop_token_ids:
+        raise APIError(f"{len(ids)} stop_token_ids; the limit is {lim.max_stop_token_ids} "
+                       "(--max-stop-token-ids)", 400, "stop_token_ids", "too_many_stop_token_ids")
+    if any(not 0 <= t < vocab for t in ids):
+        raise APIError(f"stop_token_ids must be token ids in [0, {vocab})", 400, "stop_token_ids",
+                       "invalid_value")
+    bias = req.logit_bias or {}
+    if len(bias) > lim.max_logit_bias:
+        raise APIError(f"{len(bias)} logit_bias entries; the limit is {lim.max_logit_bias} "
+                       "(--max-logit-bias)", 400, "logit_bias", "too_many_logit_bias")
+    if any(not 0 <= int(k) < vocab for k in bias):
+        raise APIError(f"logit_bias keys must be token ids in [0, {vocab})", 400, "logit_bias",
+                       "invalid_value")
+    if prompts > lim.max_prompts:
+        raise APIError(f"{prompts} prompts in one request; the limit is {lim.max_prompts} "
+                       "(--max-prompts): send several requests", 400, "prompt", "too_many_prompts")
+    if prompts * req.n > lim.max_choices:
+        raise APIError(f"n x prompts is {prompts * req.n}; the limit is {lim.max_choices} "
+                       "(--max-choices)", 400, "n", "too_many_choices")
+    if logprobs is not None and logprobs > lim.max_logprobs:
+        raise APIError(f"{logprobs} logprobs asked for; the limit is {lim.max_logprobs} "
+                       "(--max-logprobs)", 400, "top_logprobs", "too_many_logprobs")
 
 
 def new_id(prefix: str) -> str:
@@ -96,15 +156,27 @@ def new_id(prefix: str) -> str:
 
 @dataclass(slots=True)
 class ChoiceEvent:
-    """Gated output of one choice for one step."""
+    """Gated output of one choice for one step (or, folded by `collect`, the whole choice)."""
 
     index: int
     text: str
-    logprobs: list[TokenLogprobs] | None
-    token_ids: list[int] = field(default_factory=list)
+    tokens: list[GatedToken] | None = None  # the reply's tokens, when asked for
     finish_reason: str | None = None  # OpenAI's: "stop" | "length"
     stop_type: str | None = None  # which stop fired, see StopPolicy.classify
     stop_reason: int | str | None = None  # the matched stop string or token id (vLLM's field)
+
+    def extension_fields(self) -> dict[str, Any]:
+        """moegi's fields on a finished choice."""
+        return {"stop_reason": self.stop_reason, "stop_type": self.stop_type}
+
+    def token_ids(self) -> list[int]:
+        return [t.token_id for t in self.tokens or ()]
+
+    def logprobs(self) -> list[GatedToken] | None:
+        """The tokens with logprobs (None when the request asked for none)."""
+        if self.tokens is None or any(t.logprobs is None for t in self.tokens):
+            return None
+        return self.tokens
 
 
 @dataclass
@@ -122,86 +194,125 @@ class Usage:
                 "total_tokens": self.prompt_tokens + self.completion_tokens}
 
 
-async def run(
-    engine: Engine,
-    model: ServedModel,
-    prompt_ids: list[int],
-    spec: SamplingSpec,
-    request_id: str,
-    usage: Usage,
-    *,
-    keep_stop: bool = False,
-    trim: bool = False,
-) -> AsyncIterator[tuple[list[ChoiceEvent], EngineStep]]:
-    """Drive one engine request; yield gated events per step. Aborts the request if abandoned."""
-    gates = [TextGate(spec.stop, keep_stop=keep_stop, trim=trim) for _ in range(spec.n)]
-    finished = False
-    start = time.perf_counter()
-    first_token = True
-    try:
-        async for step in engine.generate(prompt_ids, spec, request_id):
-            usage.prompt_tokens = step.num_prompt_tokens
-            events = []
-            for c in step.choices:
-                usage.completion_tokens += len(c.token_ids)
-                if first_token and c.token_ids:
-                    metrics.TIME_TO_FIRST_TOKEN.labels(model.name).observe(
-                        time.perf_counter() - start)
-                    first_token = False
-                gate = gates[c.index]
-                if c.finish_reason is None:
-                    events.append(ChoiceEvent(c.index, gate.push(c.text), c.logprobs, c.token_ids))
-                    continue
-                length = c.finish_reason == "length"
-                stop = c.stop_reason if isinstance(c.stop_reason, str) else None
-                text, trimmed = gate.finish(c.text, stop, length)
-                stop_type = model.stops.classify(c.finish_reason, c.stop_reason, trimmed)
-                reason = "length" if length and not trimmed else "stop"
-                metrics.observe_finish(model.name, reason, stop_type)
-                events.append(ChoiceEvent(c.index, text, c.logprobs, c.token_ids, reason,
-                                          stop_type, c.stop_reason))
-            yield events, step
-        finished = True
-    finally:
-        if usage.prompt_tokens:
-            metrics.observe_usage(model.name, usage.prompt_tokens, usage.completion_tokens)
-        if not finished:
-            # Client gone or task cancelled: free the engine's slot at once.
-            await asyncio.shield(engine.abort(request_id))
+@dataclass(frozen=True)
+class Gating:
+    """How a request's output is gated: its stops, trim, and whether tokens are tracked."""
+
+    stops: tuple[str, ...]
+    keep_stop: bool
+    trim: bool
+    droppable: tuple[str, ...]
+    tokens: bool
+
+    @classmethod
+    def of(cls, model: ServedModel, req: SamplingRequest, tokens: bool) -> Gating:
+        schema, json_object = req.structured()
+        # Under a JSON constraint the grammar ends the reply; a stop string such as "</s>"
+        # inside a JSON string would cut it into invalid JSON, so EOS truncation's stops and
+        # sentence trim are off. The user's own stop strings still apply.
+        constrained = schema is not None or json_object
+        eos = False if constrained else req.eos_truncation
+        trim = model.sentence_trim if req.sentence_trim is None else req.sentence_trim
+        return cls(model.stops.strings(req.stop_list(), eos), req.include_stop_str_in_output,
+                   trim and not constrained, model.stops.policy_strings, tokens)
 
 
-def sse(payload: str) -> str:
-    return f"data: {payload}\n\n"
+class Run:
+    """One engine request: its gated events, step by step, then its usage.
+
+    Abandoning the iteration (client gone, task cancelled) aborts the engine request.
+    """
+
+    def __init__(self, engine: Engine, model: ServedModel, prompt_ids: list[int],
+                 spec: SamplingSpec, request_id: str, gating: Gating) -> None:
+        self.engine, self.model, self.prompt_ids, self.spec = engine, model, prompt_ids, spec
+        self.request_id = request_id
+        self.usage = Usage()
+        self.prompt_logprobs: list[TokenLogprobs | None] | None = None
+        self._tracking = gating.tokens
+        token_bytes = model.token_bytes if gating.tokens else None
+        self._gates = [TextGate(gating.stops, keep_stop=gating.keep_stop, trim=gating.trim,
+                                droppable=gating.droppable, token_bytes=token_bytes)
+                       for _ in range(spec.n)]
+
+    async def __aiter__(self) -> AsyncIterator[list[ChoiceEvent]]:
+        model, usage = self.model, self.usage
+        finished = False
+        start = time.perf_counter()
+        first_token = True
+        try:
+            async for step in self.engine.generate(self.prompt_ids, self.spec, self.request_id):
+                usage.prompt_tokens = step.num_prompt_tokens
+                if step.prompt_logprobs is not None:
+                    self.prompt_logprobs = step.prompt_logprobs
+                events = []
+                for c in step.choices:
+                    usage.completion_tokens += len(c.token_ids)
+                    if first_token and c.token_ids:
+                        metrics.TIME_TO_FIRST_TOKEN.labels(model.name).observe(
+                            time.perf_counter() - start)
+                        first_token = False
+                    gate = self._gates[c.index]
+                    if c.finish_reason is None:
+                        out = gate.push(c.text, c.token_ids, c.logprobs)
+                        events.append(ChoiceEvent(c.index, out.text, out.tokens if
+                                                  self._tracking else None))
+                        continue
+                    length = c.finish_reason == "length"
+                    stop = c.stop_reason if isinstance(c.stop_reason, str) else None
+                    out = gate.finish(c.text, c.token_ids, c.logprobs, stop=stop, length=length,
+                                      stopped_on_token=c.finish_reason == "stop" and stop is None)
+                    stop_type = model.stops.classify(c.finish_reason, c.stop_reason, out.trimmed)
+                    reason = "length" if length and not out.trimmed else "stop"
+                    metrics.observe_finish(model.name, reason, stop_type)
+                    events.append(ChoiceEvent(c.index, out.text, out.tokens if self._tracking
+                                              else None, reason, stop_type, c.stop_reason))
+                yield events
+            finished = True
+        finally:
+            if usage.prompt_tokens:
+                metrics.observe_usage(model.name, usage.prompt_tokens, usage.completion_tokens)
+            if not finished:
+                # Client gone or task cancelled: free the engine's slot at once.
+                await asyncio.shield(self.engine.abort(self.request_id))
+
+
+async def collect(run: Run) -> list[ChoiceEvent]:
+    """Fold a run into one final event per choice (text and tokens concatenated)."""
+    out = [ChoiceEvent(i, "", None) for i in range(run.spec.n)]
+    async for step_events in run:
+        for e in step_events:
+            acc = out[e.index]
+            acc.text += e.text
+            if e.tokens is not None:
+                acc.tokens = (acc.tokens or []) + e.tokens
+            if e.finish_reason is not None:
+                acc.finish_reason, acc.stop_type = e.finish_reason, e.stop_type
+                acc.stop_reason = e.stop_reason
+    return out
 
 
 SSE_DONE = "data: [DONE]\n\n"
 
 
-async def collect(events: AsyncIterator[tuple[list[ChoiceEvent], EngineStep]], n: int
-                  ) -> tuple[list[ChoiceEvent], list[TokenLogprobs | None] | None]:
-    """Fold a run into one final event per choice (text and logprobs concatenated)."""
-    out = [ChoiceEvent(i, "", None) for i in range(n)]
-    prompt_lps = None
-    async for step_events, step in events:
-        if step.prompt_logprobs is not None:
-            prompt_lps = step.prompt_logprobs
-        for e in step_events:
-            acc = out[e.index]
-            acc.text += e.text
-            acc.token_ids += e.token_ids
-            if e.logprobs is not None:
-                acc.logprobs = (acc.logprobs or []) + e.logprobs
-            if e.finish_reason is not None:
-                acc.finish_reason, acc.stop_type = e.finish_reason, e.stop_type
-                acc.stop_reason = e.stop_reason
-    return out, prompt_lps
+class SSEFrames:
+    """The fixed parts of a stream's chunks, serialised once per stream.
 
+    A chunk is `data: <head><choices><tail>`; only the choices part is built per chunk, so no
+    pydantic object or dict is made per token on the hot path.
+    """
 
-def stop_fields(e: ChoiceEvent) -> dict[str, Any]:
-    """moegi's extension fields on a finished choice."""
-    return {"stop_reason": e.stop_reason, "stop_type": e.stop_type}
+    def __init__(self, request_id: str, obj: str, model: str, include_usage: bool) -> None:
+        self.head = (f'data: {{"id":"{request_id}","object":"{obj}","created":{int(time.time())},'
+                     f'"model":{json.dumps(model)},"choices":[')
+        self.tail = "],\"usage\":null}\n\n" if include_usage else "]}\n\n"
+        self.include_usage = include_usage
 
+    def chunk(self, choice_json: str) -> str:
+        return self.head + choice_json + self.tail
 
-def merge_stops(*groups: Sequence[str]) -> tuple[str, ...]:
-    """Stop strings in priority order, without duplicates."""
-    return tuple(dict.fromkeys(s for g in groups for s in g if s))
+    def usage(self, usage: Usage) -> str:
+        """The usage trailer (empty choices), when the client asked for it."""
+        if not self.include_usage:
+            return ""
+        return self.head + f'],"usage":{json.dumps(usage.as_dict())}}}\n\n'

@@ -1,35 +1,39 @@
 """POST /v1/chat/completions: render the conversation, run it, format OpenAI chat objects.
 
-Stream chunks are written with a pre-serialised prefix and `json.dumps` of the new text only:
-no pydantic object per token on the hot path.
+Stream chunks are written from pre-serialised frames (`SSEFrames`) and `json.dumps` of the new
+text only: no pydantic object per token on the hot path.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from serve.engine import Engine, TokenLogprobs
+from serve.engine import Engine
 from serve.errors import APIError
-from serve.protocol import ChatCompletionRequest
+from serve.protocol import ChatCompletionRequest, ChatMessage
 from serve.serving import (
     SSE_DONE,
     ChoiceEvent,
+    Gating,
+    Run,
     ServedModel,
-    Usage,
-    check_model,
+    SSEFrames,
+    bytes_text,
+    check_request,
     collect,
     new_id,
-    run,
-    sse,
-    stop_fields,
 )
+from serve.textgate import GatedToken
+
+_INLINE_RENDER_CHARS = 4096  # longer conversations are rendered and tokenized in a thread
 
 
-def render_prompt(model: ServedModel, req: ChatCompletionRequest) -> list[int]:
-    """Messages -> prompt token ids through the model's chat template."""
+def _render_sync(model: ServedModel, messages: list[ChatMessage], add_generation_prompt: bool,
+                 continue_final_message: bool) -> list[int]:
     import jinja2
 
     template = model.chat_template or getattr(model.tokenizer, "chat_template", None)
@@ -38,19 +42,19 @@ def render_prompt(model: ServedModel, req: ChatCompletionRequest) -> list[int]:
             f"model {model.name!r} has no chat template: start the server with --chat-template "
             "(llama-2-chat, alpaca, alpaca-ja, alpaca-ja-bare, or a .jinja path) or --preset, "
             "or send a formatted prompt to /v1/completions", 400, "messages", "no_chat_template")
-    messages: list[dict[str, str]] = []
-    if model.default_system and not any(m.role in ("system", "developer") for m in req.messages):
-        messages.append({"role": "system", "content": model.default_system})
-    for m in req.messages:
+    rendered: list[dict[str, str]] = []
+    if model.default_system and not any(m.role in ("system", "developer") for m in messages):
+        rendered.append({"role": "system", "content": model.default_system})
+    for m in messages:
         msg = {"role": m.role, "content": m.text()}
         if m.name:
             msg["name"] = m.name
-        messages.append(msg)
+        rendered.append(msg)
     try:
         text = model.tokenizer.apply_chat_template(
-            messages, chat_template=template, tokenize=False,
-            add_generation_prompt=req.add_generation_prompt,
-            continue_final_message=req.continue_final_message)
+            rendered, chat_template=template, tokenize=False,
+            add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message)
     except jinja2.TemplateError as e:
         raise APIError(f"the chat template rejected the messages: {e}", 400, "messages") from e
     # Templates write BOS themselves (as transformers' tokenize=True path assumes).
@@ -58,18 +62,35 @@ def render_prompt(model: ServedModel, req: ChatCompletionRequest) -> list[int]:
     return ids
 
 
-def _lp_entry(model: ServedModel, token_id: int, logprob: float) -> dict[str, Any]:
-    tok, raw = model.token_str(token_id)
-    return {"token": tok, "logprob": max(logprob, -9999.0), "bytes": raw}
+async def render_prompt(model: ServedModel, messages: list[ChatMessage],
+                        add_generation_prompt: bool = True,
+                        continue_final_message: bool = False) -> list[int]:
+    """Messages -> prompt token ids through the model's chat template (off the event loop when
+    the conversation is long, so /health never waits on Jinja or the tokenizer)."""
+    size = sum(len(m.text()) for m in messages)
+    if size <= _INLINE_RENDER_CHARS:
+        return _render_sync(model, messages, add_generation_prompt, continue_final_message)
+    return await asyncio.to_thread(_render_sync, model, messages, add_generation_prompt,
+                                   continue_final_message)
 
 
-def chat_logprobs(model: ServedModel, lps: list[TokenLogprobs] | None) -> dict[str, Any] | None:
-    if lps is None:
+def _lp_entry(model: ServedModel, token_id: int, logprob: float, raw: bytes | None = None
+              ) -> dict[str, Any]:
+    if raw is None:
+        return {"token": model.token_str(token_id), "logprob": max(logprob, -9999.0),
+                "bytes": list(model.token_bytes(token_id))}
+    return {"token": bytes_text(raw), "logprob": max(logprob, -9999.0), "bytes": list(raw)}
+
+
+def chat_logprobs(model: ServedModel, tokens: list[GatedToken] | None) -> dict[str, Any] | None:
+    """OpenAI's chat logprobs: one entry per reply token, its bytes exactly the reply's."""
+    if tokens is None:
         return None
     content = []
-    for lp in lps:
-        entry = _lp_entry(model, lp.token_id, lp.logprob)
-        entry["top_logprobs"] = [_lp_entry(model, t, v) for t, v in lp.top]
+    for t in tokens:
+        lp = t.logprobs
+        entry = _lp_entry(model, t.token_id, lp.logprob, t.text_bytes)
+        entry["top_logprobs"] = [_lp_entry(model, tid, v) for tid, v in lp.top]
         content.append(entry)
     return {"content": content, "refusal": None}
 
@@ -78,69 +99,61 @@ async def chat_completion(
     engine: Engine, model: ServedModel, req: ChatCompletionRequest
 ) -> dict[str, Any] | AsyncIterator[str]:
     """Return the response body, or an async iterator of SSE lines when streaming."""
-    check_model(model, req)
-    prompt_ids = render_prompt(model, req)
+    check_request(model, req, logprobs=req.logprobs_k())
+    prompt_ids = await render_prompt(model, req.messages, req.add_generation_prompt,
+                                     req.continue_final_message)
     max_tokens = model.check_length(len(prompt_ids), req.requested_max_tokens())
-    stops = model.stops.strings(req.stop_list(), req.eos_truncation)
-    spec = req.to_spec(max_tokens, stops, req.logprobs_k())
-    request_id = new_id("chatcmpl")
-    usage = Usage()
-    trim = model.sentence_trim if req.sentence_trim is None else req.sentence_trim
-    events = run(engine, model, prompt_ids, spec, request_id, usage,
-                 keep_stop=req.include_stop_str_in_output, trim=trim)
+    gating = Gating.of(model, req, tokens=req.logprobs or req.return_token_ids)
+    spec = req.to_spec(max_tokens, gating.stops, req.logprobs_k())
+    run = Run(engine, model, prompt_ids, spec, new_id("chatcmpl"), gating)
     if req.stream:
-        return _stream(model, req, request_id, events, usage, prompt_ids)
-    final, _ = await collect(events, spec.n)
+        return _stream(model, req, run)
+    final = await collect(run)
     return {
-        "id": request_id,
+        "id": run.request_id,
         "object": "chat.completion",
         "created": int(time.time()),
         "model": model.name,
-        "choices": [
-            {
-                "index": e.index,
-                "message": {"role": "assistant", "content": e.text, "refusal": None},
-                "logprobs": chat_logprobs(model, e.logprobs),
-                "finish_reason": e.finish_reason,
-                **stop_fields(e),
-                **({"token_ids": e.token_ids, "prompt_token_ids": prompt_ids}
-                   if req.return_token_ids else {}),
-            }
-            for e in final
-        ],
-        "usage": usage.as_dict(),
+        "choices": [_choice(model, req, e, prompt_ids) for e in final],
+        "usage": run.usage.as_dict(),
     }
 
 
-async def _stream(model: ServedModel, req: ChatCompletionRequest, request_id: str,
-                  events: AsyncIterator[tuple[list[ChoiceEvent], Any]], usage: Usage,
-                  prompt_ids: list[int]) -> AsyncIterator[str]:
-    include_usage = req.include_usage()
-    head = (f'{{"id":"{request_id}","object":"chat.completion.chunk","created":{int(time.time())},'
-            f'"model":{json.dumps(model.name)},"choices":[')
-    tail = ',"usage":null}' if include_usage else "}"
+def _choice(model: ServedModel, req: ChatCompletionRequest, e: ChoiceEvent,
+            prompt_ids: list[int]) -> dict[str, Any]:
+    choice = {"index": e.index,
+              "message": {"role": "assistant", "content": e.text, "refusal": None},
+              "logprobs": chat_logprobs(model, e.logprobs()) if req.logprobs else None,
+              "finish_reason": e.finish_reason, **e.extension_fields()}
+    if req.return_token_ids:
+        choice.update(token_ids=e.token_ids(), prompt_token_ids=prompt_ids)
+    return choice
+
+
+async def _stream(model: ServedModel, req: ChatCompletionRequest, run: Run) -> AsyncIterator[str]:
+    frames = SSEFrames(run.request_id, "chat.completion.chunk", model.name, req.include_usage())
     ids = req.return_token_ids
-    first = f',"prompt_token_ids":{json.dumps(prompt_ids)}' if ids else ""
+    first = f',"prompt_token_ids":{json.dumps(run.prompt_ids)}' if ids else ""
     for i in range(req.n):
-        yield sse(head + f'{{"index":{i},"delta":{{"role":"assistant","content":""}},'
-                  f'"logprobs":null,"finish_reason":null{first}}}]' + tail)
-    async for step_events, _ in events:
+        yield frames.chunk(f'{{"index":{i},"delta":{{"role":"assistant","content":""}},'
+                           f'"logprobs":null,"finish_reason":null{first}}}')
+    async for step_events in run:
         for e in step_events:
-            if not e.text and e.logprobs is None and e.finish_reason is None and not (
-                    ids and e.token_ids):
+            if not e.text and not e.tokens and e.finish_reason is None:
                 continue
-            lps = "null" if e.logprobs is None else json.dumps(chat_logprobs(model, e.logprobs))
             if e.finish_reason is None:
-                token_ids = f',"token_ids":{json.dumps(e.token_ids)}' if ids else ""
-                yield sse(head + f'{{"index":{e.index},"delta":{{"content":'
-                          f'{json.dumps(e.text, ensure_ascii=False)}}},"logprobs":{lps},'
-                          f'"finish_reason":null{token_ids}}}]' + tail)
+                lps = json.dumps(chat_logprobs(model, e.logprobs())) if req.logprobs else "null"
+                token_ids = f',"token_ids":{json.dumps(e.token_ids())}' if ids else ""
+                yield frames.chunk(f'{{"index":{e.index},"delta":{{"content":'
+                                   f'{json.dumps(e.text, ensure_ascii=False)}}},"logprobs":{lps},'
+                                   f'"finish_reason":null{token_ids}}}')
             else:  # the last chunk of a choice: built once, so a dict is fine here
                 choice = {"index": e.index, "delta": {"content": e.text} if e.text else {},
-                          "logprobs": chat_logprobs(model, e.logprobs),
-                          "finish_reason": e.finish_reason, **stop_fields(e),
-                          **({"token_ids": e.token_ids} if ids else {})}
-                yield sse(head + json.dumps(choice, ensure_ascii=False) + "]" + tail)
-    if include_usage:
-        yield sse(head + "]" + f',"usage":{json.dumps(usage.as_dict())}}}')
+                          "logprobs": chat_logprobs(model, e.logprobs()) if req.logprobs else None,
+                          "finish_reason": e.finish_reason, **e.extension_fields()}
+                if ids:
+                    choice["token_ids"] = e.token_ids()
+                yield frames.chunk(json.dumps(choice, ensure_ascii=False))
+    if frames.include_usage:
+        yield frames.usage(run.usage)
     yield SSE_DONE

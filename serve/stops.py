@@ -3,8 +3,12 @@
 Fine-tuned models that learned their EOS token as text print `</s>` and go on (seed progress
 report; vLLM #2686, transformers #23175). vLLM, TGI and llama.cpp stop on the EOS *id* only. By
 default moegi also stops on the EOS *text* (however the model spells it across tokens: the
-engine matches stop strings on detokenized text) and on the template's turn markers (a model
-that starts a new `### 指示:` turn by itself). A request can opt out with `eos_truncation: false`.
+engine matches stop strings on detokenized text) and on the template's turn markers: every
+section header it declares (instruction, input, response; `[INST]`, `<<SYS>>`), when the model
+starts one by itself. A request can opt out with `eos_truncation: false`.
+
+A cut at any turn marker, a response header included, reports finish_reason `stop`,
+stop_type `turn_marker` and the marker as stop_reason.
 """
 
 from __future__ import annotations
@@ -21,7 +25,6 @@ STOP_TOKEN = "stop_token"
 SENTENCE_TRIM = "sentence_trim"
 LENGTH = "length"
 ABORT = "abort"
-STOP_TYPES = (EOS_TOKEN, EOS_TEXT, TURN_MARKER, STOP_STRING, STOP_TOKEN, SENTENCE_TRIM, LENGTH)
 
 
 @dataclass(frozen=True)
@@ -29,12 +32,17 @@ class StopPolicy:
     eos_texts: tuple[str, ...] = ()
     eos_ids: tuple[int, ...] = ()
     turn_markers: tuple[str, ...] = ()
-    enforce: bool = True  # the server default; a request may override it
+    eos_truncation: bool = True  # the server default; a request may override it
 
-    def strings(self, user: Sequence[str], enforce: bool | None = None) -> tuple[str, ...]:
+    @property
+    def policy_strings(self) -> tuple[str, ...]:
+        """The stops EOS truncation adds: EOS texts, then turn markers."""
+        return (*self.eos_texts, *self.turn_markers)
+
+    def strings(self, user: Sequence[str], eos_truncation: bool | None = None) -> tuple[str, ...]:
         """The stop strings for a request: the user's, then EOS texts and turn markers."""
-        on = self.enforce if enforce is None else enforce
-        extra = (*self.eos_texts, *self.turn_markers) if on else ()
+        on = self.eos_truncation if eos_truncation is None else eos_truncation
+        extra = self.policy_strings if on else ()
         return tuple(dict.fromkeys(s for s in (*user, *extra) if s))
 
     def classify(self, finish_reason: str, stop_reason: int | str | None, trimmed: bool) -> str:
@@ -57,8 +65,8 @@ class StopPolicy:
 
     @classmethod
     def for_tokenizer(cls, tokenizer: object, turn_markers: Sequence[str] = (),
-                      enforce: bool = True) -> StopPolicy:
+                      eos_truncation: bool = True) -> StopPolicy:
         eos = getattr(tokenizer, "eos_token", None)
         eos_id = getattr(tokenizer, "eos_token_id", None)
         return cls(eos_texts=(eos,) if eos else (), eos_ids=(eos_id,) if eos_id is not None else (),
-                   turn_markers=tuple(turn_markers), enforce=enforce)
+                   turn_markers=tuple(dict.fromkeys(turn_markers)), eos_truncation=eos_truncation)

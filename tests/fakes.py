@@ -15,7 +15,6 @@ from serve.engine import ChoiceDelta, EngineDeadError, EngineStep, SamplingSpec,
 class FakeEngine:
     def __init__(self, pieces: list[str] | None = None, *, dead: bool = False,
                  delay: float = 0.0) -> None:
-        self.model_path = "fake"
         self.pieces = pieces if pieces is not None else ["日本", "の", "首都", "は", "東京", "です。"]
         self.dead = dead
         self.delay = delay
@@ -47,9 +46,8 @@ class FakeEngine:
                     end = texts[i].index(stop) + len(stop)
                     text = piece[: len(piece) - (len(texts[i]) - end)]
                 choices.append(ChoiceDelta(i, text, [10 + step], lps, finish, stop))
-            done = all(c.finish_reason for c in choices)
-            yield EngineStep(choices, len(prompt_token_ids), done)
-            if done:
+            yield EngineStep(choices, len(prompt_token_ids))
+            if all(c.finish_reason for c in choices):
                 return
 
     async def abort(self, request_id: str) -> None:

@@ -127,7 +127,10 @@ def test_stream_error_after_200_is_a_data_chunk(tokenizer: Any) -> None:
     r = chat(client(tokenizer, FakeEngine(dead=True)), stream=True)
     payloads = sse_payloads(r.text)
     assert r.status_code == 200 and payloads[-1] == "[DONE]"
-    assert json.loads(payloads[-2])["error"]["code"] is None
+    err = json.loads(payloads[-2])
+    validate("ErrorResponse", err)
+    # The same mapper as non-streamed errors: code and param are kept.
+    assert err["error"]["code"] == "engine_dead" and err["error"]["type"] == "service_unavailable"
 
 
 def test_user_stop_cut_and_reported(tokenizer: Any) -> None:

@@ -9,17 +9,17 @@ from serve.textgate import TextGate, sentence_end
 
 def run(gate: TextGate, pieces: list[str], stop: str | None = None, length: bool = False
         ) -> tuple[list[str], str, bool]:
-    out = [gate.push(p) for p in pieces[:-1]]
-    last, trimmed = gate.finish(pieces[-1], stop, length)
-    return [*out, last], "".join([*out, last]), trimmed
+    out = [gate.push(p).text for p in pieces[:-1]]
+    last = gate.finish(pieces[-1], stop=stop, length=length)
+    return [*out, last.text], "".join([*out, last.text]), last.trimmed
 
 
 def test_holds_back_only_a_possible_stop_prefix() -> None:
     gate = TextGate(["</s>", "### 指示:"])
-    assert gate.push("答え") == "答え"  # no stop starts with any tail: nothing held
-    assert gate.push("です<") == "です"  # "<" may begin "</s>"
-    assert gate.push("/") == ""
-    assert gate.push("x") == "</x"  # no longer a prefix: released at once
+    assert gate.push("答え").text == "答え"  # no stop starts with any tail: nothing held
+    assert gate.push("です<").text == "です"  # "<" may begin "</s>"
+    assert gate.push("/").text == ""
+    assert gate.push("x").text == "</x"  # no longer a prefix: released at once
 
 
 def test_stop_string_split_over_pieces_is_cut_and_never_shown() -> None:

@@ -1,0 +1,152 @@
+"""The server's life around the engine: liveness, a watchdog, the drain on SIGTERM, reaping.
+
+- `MonitoredEngine` wraps the engine: it counts requests in flight and notes each step, so
+  `Liveness` can tell a hung engine (requests waiting, nothing produced for `engine_stall_s`)
+  from an idle one; `/health` answers 503 for both a dead and a hung engine.
+- `watchdog` asks the engine for its health every second, with or without traffic, so a dead
+  engine core is noticed (and the server exits non-zero) within seconds.
+- `Drain` holds the streams in progress. On SIGTERM new connections are refused, requests in
+  flight get `shutdown_timeout_s` to finish, and then every stream still open ends with an
+  error chunk and `data: [DONE]`, every waiting non-streamed request with a 503.
+- `reap_children` ends what vLLM's own shutdown left (an engine still loading at SIGTERM).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from serve.engine import Engine, EngineDeadError, EngineStep, SamplingSpec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Liveness:
+    """Requests in flight and the last time the engine produced anything."""
+
+    stall_s: float = 60.0
+    in_flight: int = 0
+    last_progress: float = field(default_factory=time.monotonic)
+
+    def stalled_for(self) -> float:
+        """Seconds the engine has owed output while holding requests (0 when idle)."""
+        if self.in_flight == 0:
+            return 0.0
+        return time.monotonic() - self.last_progress
+
+    def check(self) -> None:
+        stalled = self.stalled_for()
+        if stalled > self.stall_s:
+            raise EngineDeadError(f"the engine has produced nothing for {stalled:.0f} s with "
+                                  f"{self.in_flight} request(s) in flight (hung)")
+
+
+class MonitoredEngine:
+    """An `Engine` that reports every request and step to a `Liveness`."""
+
+    def __init__(self, engine: Engine, liveness: Liveness) -> None:
+        self.inner, self.liveness = engine, liveness
+
+    async def generate(self, prompt_token_ids: list[int], spec: SamplingSpec, request_id: str
+                       ) -> AsyncIterator[EngineStep]:
+        live = self.liveness
+        if live.in_flight == 0:
+            live.last_progress = time.monotonic()  # idle until now: the clock starts here
+        live.in_flight += 1
+        try:
+            async for step in self.inner.generate(prompt_token_ids, spec, request_id):
+                live.last_progress = time.monotonic()
+                yield step
+        finally:
+            live.in_flight -= 1
+
+    async def abort(self, request_id: str) -> None:
+        await self.inner.abort(request_id)
+
+    async def check_health(self) -> None:
+        await self.inner.check_health()
+        self.liveness.check()
+
+
+async def watchdog(engine: Engine, on_dead: Callable[[BaseException], None],
+                   interval_s: float = 1.0) -> None:
+    """Poll the engine's health until it dies (then call `on_dead` once) or we are cancelled."""
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            await engine.check_health()
+        except EngineDeadError as exc:
+            on_dead(exc)
+            return
+
+
+class ShuttingDown(Exception):
+    """Raised into streams and requests still running when the drain's deadline passes."""
+
+
+@dataclass
+class Drain:
+    """Streams in progress, and the deadline after which they are ended with an error."""
+
+    draining: bool = False
+    expired: bool = False
+    _tasks: set[asyncio.Task[Any]] = field(default_factory=set)
+    _expired_event: asyncio.Event | None = None
+
+    def event(self) -> asyncio.Event:
+        if self._expired_event is None:
+            self._expired_event = asyncio.Event()
+        return self._expired_event
+
+    @contextlib.contextmanager
+    def stream(self) -> Iterator[asyncio.Task[Any] | None]:
+        """Register the running task as a stream the drain may end."""
+        task = asyncio.current_task()
+        if task is not None:
+            self._tasks.add(task)
+        try:
+            yield task
+        finally:
+            if task is not None:
+                self._tasks.discard(task)
+
+    def start(self, timeout_s: float) -> asyncio.Task[None]:
+        self.draining = True
+        return asyncio.create_task(self._expire_after(timeout_s))
+
+    async def _expire_after(self, timeout_s: float) -> None:
+        await asyncio.sleep(timeout_s)
+        self.expired = True
+        self.event().set()
+        if self._tasks:
+            log.warning("shutdown deadline: ending %d stream(s) still open", len(self._tasks))
+        for task in list(self._tasks):
+            task.cancel(msg="moegi: shutdown deadline")
+
+
+def reap_children(timeout: float = 3.0) -> None:
+    """End the process tree's leftovers: SIGTERM, then SIGKILL after `timeout` seconds.
+
+    multiprocessing's resource tracker ignores SIGTERM by design and exits when we do, so it is
+    left alone (waiting for it cost 10 s per shutdown before).
+    """
+    import psutil
+
+    children = []
+    for child in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if "resource_tracker" not in " ".join(child.cmdline()):
+                children.append(child)
+    for child in children:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.terminate()
+    _, alive = psutil.wait_procs(children, timeout=timeout)
+    for child in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.kill()
