@@ -49,6 +49,7 @@ async def _serve(settings: Settings) -> int:
     from serve.vllm_engine import VllmEngine
 
     loaded: list[VllmEngine] = []
+    watchers: list[asyncio.Task[None]] = []
     drain = Drain()
 
     class Server(uvicorn.Server):
@@ -61,9 +62,13 @@ async def _serve(settings: Settings) -> int:
                 await super().shutdown(sockets)
             finally:
                 expiry.cancel()
+                for task in watchers:  # the engine is about to stop on purpose
+                    task.cancel()
+                # Its processes first, all at once (vLLM's own shutdown ends them one after the
+                # other, with waits: 7 s for an idle engine), then vLLM's handles.
+                await asyncio.to_thread(reap_children)
                 for engine in loaded:
                     await asyncio.to_thread(engine.shutdown)
-                await asyncio.to_thread(reap_children)
                 self._captured_signals.clear()  # exit with our code, not the signal's
 
     state = AppState(api_key=settings.key(), max_request_bytes=settings.max_request_bytes,
@@ -77,7 +82,6 @@ async def _serve(settings: Settings) -> int:
                                    timeout_graceful_shutdown=int(settings.shutdown_timeout_s) + 3))
     state.on_dead = lambda: setattr(server, "should_exit", True)
     serving = asyncio.create_task(server.serve())
-    guard = None
     try:
         # vLLM labels its metrics with this name, so dashboards filter both families alike.
         engine = await asyncio.to_thread(VllmEngine, settings.engine_args(), served_name(settings))
@@ -86,7 +90,7 @@ async def _serve(settings: Settings) -> int:
         metrics.set_model_info(state.model)
         state.set_engine(engine)
         assert state.engine is not None
-        guard = asyncio.create_task(watchdog(state.engine, state.mark_dead))
+        watchers.append(asyncio.create_task(watchdog(state.engine, state.mark_dead)))
         log.info("serving %s as %r on http://%s:%d (template: %s)", settings.model,
                  state.model.name, settings.host, settings.port, state.model.template_name)
     except Exception:
@@ -94,8 +98,8 @@ async def _serve(settings: Settings) -> int:
         state.dead = True
         server.should_exit = True
     await serving
-    if guard is not None:
-        guard.cancel()
+    for task in watchers:
+        task.cancel()
     return 1 if state.dead else 0
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Self
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from serve.engine import SamplingSpec
 
@@ -124,11 +124,16 @@ class SamplingRequest(BaseModel):
             raise ValueError("'stop' strings must be non-empty")
         if self.n > 1 and self.temperature == 0.0:
             raise ValueError("n > 1 needs sampling: set temperature above 0 or use n = 1")
-        for key, bias in (self.logit_bias or {}).items():
+        return self
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        for key, bias in (v or {}).items():
             if not key.isdigit() or not -100 <= bias <= 100:
                 raise ValueError(f"logit_bias maps token ids (as strings) to numbers in "
                                  f"[-100, 100]; got {key!r}: {bias}")
-        return self
+        return v
 
     def with_defaults(self, defaults: dict[str, Any]) -> Self:
         """The same request with a preset's sampling defaults in the fields it left unset,
@@ -333,7 +338,7 @@ class TokenizeRequest(BaseModel):
 
     model: Text | None = None
     prompt: Text | None = None
-    messages: list[ChatMessage] | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
     add_special_tokens: bool | None = Field(
         None, description="Default: true for a prompt, false for messages (the template "
         "writes BOS itself).")

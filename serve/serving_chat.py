@@ -55,7 +55,7 @@ def _render_sync(model: ServedModel, messages: list[ChatMessage], add_generation
             rendered, chat_template=template, tokenize=False,
             add_generation_prompt=add_generation_prompt,
             continue_final_message=continue_final_message)
-    except jinja2.TemplateError as e:
+    except (jinja2.TemplateError, ValueError, TypeError) as e:  # the template's own checks
         raise APIError(f"the chat template rejected the messages: {e}", 400, "messages") from e
     # Templates write BOS themselves (as transformers' tokenize=True path assumes).
     ids: list[int] = model.tokenizer.encode(text, add_special_tokens=False)

@@ -8,16 +8,20 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Any
 
 from serve.engine import ChoiceDelta, EngineDeadError, EngineStep, SamplingSpec, TokenLogprobs
 
 
 class FakeEngine:
     def __init__(self, pieces: list[str] | None = None, *, dead: bool = False,
-                 delay: float = 0.0) -> None:
+                 delay: float = 0.0, tokenizer: Any = None) -> None:
         self.pieces = pieces if pieces is not None else ["日本", "の", "首都", "は", "東京", "です。"]
         self.dead = dead
         self.delay = delay
+        # With a tokenizer, each piece's token ids are its real encoding (several per step),
+        # so text and tokens agree as they do from vLLM; without, one made-up id per piece.
+        self.tokenizer = tokenizer
         self.aborted: list[str] = []
         self.requests: list[tuple[list[int], SamplingSpec]] = []
 
@@ -38,14 +42,16 @@ class FakeEngine:
                     continue
                 texts[i] += piece
                 stop = next((s for s in spec.stop if s in texts[i]), None)
-                lps = ([TokenLogprobs(10 + step, -0.5, [(10 + step, -0.5)][: spec.logprobs])]
+                ids = (self.tokenizer.encode(piece, add_special_tokens=False)
+                       if self.tokenizer is not None else [10 + step])
+                lps = ([TokenLogprobs(t, -0.5, [(t, -0.5)][: spec.logprobs]) for t in ids]
                        if spec.logprobs is not None else None)
                 finish = "stop" if stop else "length" if step + 1 == spec.max_tokens else None
                 text = piece
                 if stop:  # like vLLM: output truncated right after the stop string
                     end = texts[i].index(stop) + len(stop)
                     text = piece[: len(piece) - (len(texts[i]) - end)]
-                choices.append(ChoiceDelta(i, text, [10 + step], lps, finish, stop))
+                choices.append(ChoiceDelta(i, text, ids, lps, finish, stop))
             yield EngineStep(choices, len(prompt_token_ids))
             if all(c.finish_reason for c in choices):
                 return

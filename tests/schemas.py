@@ -17,11 +17,16 @@ from typing import Any
 import jsonschema
 
 SCHEMAS = Path(__file__).with_name("openai-schemas.json")
+# The Responses API's types, extracted from the same openai-openapi spec (see its "source").
+RESPONSES_SCHEMAS = Path(__file__).with_name("openai-responses-schemas.json")
 
 
 @cache
 def _components() -> dict[str, Any]:
-    return json.loads(SCHEMAS.read_text())["components"]  # type: ignore[no-any-return]
+    components = json.loads(SCHEMAS.read_text())["components"]
+    responses = json.loads(RESPONSES_SCHEMAS.read_text())["components"]["schemas"]
+    components["schemas"] = {**responses, **components["schemas"]}
+    return components  # type: ignore[no-any-return]
 
 
 @cache

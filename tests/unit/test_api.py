@@ -18,7 +18,7 @@ from tests.schemas import sse_payloads, validate
 
 def make_model(tokenizer: Any, **kw: Any) -> ServedModel:
     _, src = chat_templates.load("alpaca-ja")
-    stops = StopPolicy.for_tokenizer(tokenizer, ["### 指示:"])
+    stops = StopPolicy.for_tokenizer(tokenizer, chat_templates.turn_markers(src))
     return ServedModel(name="m", tokenizer=tokenizer, max_model_len=256, stops=stops,
                        chat_template=src, template_name="alpaca-ja", **kw)
 
