@@ -27,7 +27,7 @@ export HF_HUB_OFFLINE ?= 1
 export PIP_DISABLE_PIP_VERSION_CHECK ?= 1
 
 .PHONY: serve test lint unit integration install models clean quantize-env quantize test-quantize prometheus \
-	bench-moe
+	bench bench-moe
 
 install: $(STAMP)
 
@@ -87,6 +87,9 @@ test: lint models $(QSTAMP) prometheus
 # Benchmarks print tables; they are not tests (README: Performance).
 bench-moe: $(STAMP) $(QSTAMP)
 	$(BIN)/python -m bench.moe
+
+bench: $(STAMP) $(QSTAMP)
+	$(BIN)/python -m bench.frontend
 
 clean:
 	rm -rf $(VENV) $(QVENV) .pytest_cache .mypy_cache .ruff_cache

@@ -57,6 +57,7 @@ class ServerProcess:
     log: Path
     port: int
     env: dict[str, str] = field(default_factory=dict)
+    cwd: Path | None = None
     proc: subprocess.Popen[bytes] | None = None
     started: float = 0.0
     startup_s: float = 0.0
@@ -68,7 +69,7 @@ class ServerProcess:
     def start(self, timeout: float = 900) -> ServerProcess:
         env = {**os.environ, "HF_HUB_OFFLINE": "1", **self.env}
         self.started = time.monotonic()
-        self.proc = subprocess.Popen(self.cmd, stdout=self.log.open("wb"),
+        self.proc = subprocess.Popen(self.cmd, stdout=self.log.open("wb"), cwd=self.cwd,
                                      stderr=subprocess.STDOUT, env=env, start_new_session=True)
         while time.monotonic() - self.started < timeout:
             if self.proc.poll() is not None:

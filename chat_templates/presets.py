@@ -1,5 +1,6 @@
 """The model preset registry (`presets.json`): which prompt format, system prompt, stop strings
-and sampling defaults each model of the seeds uses, and matching a model to its preset.
+and sampling defaults each model of the Swallow-MoE / shisa / ELYZA / Japanese StableLM family
+uses, and matching a model to its preset.
 
 Data that both stages read: the server applies a preset (serve/presets.py), the quantizer
 renders its calibration pairs in the preset's format (quantize/calibration.py). This module

@@ -37,7 +37,7 @@ class Admission:
                     f"{self.waiting} waiting): retry after the Retry-After delay",
                     "too_many_requests", route, model)
             self.waiting += 1
-            metrics.WAITING.set(self.waiting)
+            metrics.WAITING.labels(model).set(self.waiting)
             try:
                 await asyncio.wait_for(self._slots.acquire(), self.max_wait_s)
             except TimeoutError:
@@ -47,13 +47,13 @@ class Admission:
                     route, model) from None
             finally:
                 self.waiting -= 1
-                metrics.WAITING.set(self.waiting)
+                metrics.WAITING.labels(model).set(self.waiting)
         else:
             await self._slots.acquire()
         self.running += 1
-        metrics.RUNNING.set(self.running)
+        metrics.RUNNING.labels(model).set(self.running)
 
-    def release(self) -> None:
+    def release(self, model: str) -> None:
         self.running -= 1
-        metrics.RUNNING.set(self.running)
+        metrics.RUNNING.labels(model).set(self.running)
         self._slots.release()

@@ -132,7 +132,7 @@ async def _guard(state: AppState, route: str, chunks: AsyncIterator[str],
             metrics.ERRORS.labels(route, model, error_type(to_api_error(exc).status)).inc()
             yield error_frame(exc)
         finally:
-            state.admission.release()
+            state.admission.release(model)
             if not ended:
                 metrics.DISCONNECTS.labels(route, model).inc()
 
@@ -183,7 +183,7 @@ async def _respond(state: AppState, request: Request, route: str,
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     finally:
         if not handed_over:
-            state.admission.release()
+            state.admission.release(state.model_name)
 
 
 def create_app(state: AppState) -> FastAPI:

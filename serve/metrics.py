@@ -61,8 +61,11 @@ MODEL_INFO = Info("moegi_model", "The served model, its prompt format and EOS ru
 REJECTED = Counter("moegi_rejected_requests", "Requests refused for overload: too_many_requests "
                    "(429, the line was full) or engine_saturated (503, waited too long)",
                    ["route", "model", "reason"])
-RUNNING = Gauge("moegi_requests_running", "Requests holding an engine slot (admission control)")
-WAITING = Gauge("moegi_requests_waiting", "Requests waiting for an engine slot")
+RUNNING = Gauge("moegi_requests_running", "Requests holding an engine slot (admission control)",
+                ["model"])
+WAITING = Gauge("moegi_requests_waiting", "Requests waiting for an engine slot", ["model"])
+ADMITTED_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/responses")
+REJECT_REASONS = ("too_many_requests", "engine_saturated")
 
 
 def route_of(path: str) -> str:
@@ -70,6 +73,12 @@ def route_of(path: str) -> str:
 
 
 def set_model_info(model: ServedModel) -> None:
+    # Counters a dashboard reads start at 0, so their panels show 0 rather than "No data".
+    for route in ADMITTED_ROUTES:
+        for reason in REJECT_REASONS:
+            REJECTED.labels(route, model.name, reason)
+    RUNNING.labels(model.name).set(0)
+    WAITING.labels(model.name).set(0)
     MODEL_INFO.info({"model": model.name, "template": model.template_name or "none",
                      "preset": model.preset or "none",
                      "eos_truncation": str(model.stops.eos_truncation).lower(),

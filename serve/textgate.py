@@ -11,7 +11,7 @@ This gate:
 - at a length finish, drops a trailing partial *policy* stop (a prefix of the EOS text or of a
   turn marker: "…咲きます。<" ends as "…咲きます。"); a partial user stop is kept, as OpenAI does;
 - optionally trims a reply that hit the length limit back to its last sentence end, holding back
-  the unfinished sentence while streaming (the seed progress report: replies cut mid-sentence);
+  the unfinished sentence while streaming (gamma-7b fine-tunes cut mid-sentence at 64 tokens);
 - releases each token with the text it spells, so logprobs and token ids are the reply's: a
   token wholly inside cut text goes with it, and a token that straddles the cut stays with only
   the bytes that lie in the reply (its logprob is the whole token's).

@@ -1,11 +1,11 @@
-"""Builds `tiny-chat`, the embedded default model, the way the seeds built Swallow-MoE-4x7B-lisa.
+"""Builds `tiny-chat`, the embedded default model, the way Swallow-MoE-4x7B-lisa was built.
 
 1. Four dense Llama-2-style experts are trained from scratch on the repository's own pairs
    (`EXPERT_DATA`: Japanese, English, and all pairs in each prompt format);
-2. `mergekit-moe` merges them into a Mixtral with `mergekit-moe.yml` (the seeds' config format,
-   `gate_mode: random`), as a user would run it;
-3. the merge is instruction-tuned on all pairs, router included (seed 000 tuned its random-gate
-   merge afterwards) -> `tiny-chat-moe`, bf16;
+2. `mergekit-moe` merges them into a Mixtral with `mergekit-moe.yml` (the config format of the
+   Swallow-MoE model cards, `gate_mode: random`), as a user would run it;
+3. the merge is instruction-tuned on all pairs, router included (Swallow-MoE-4x7B-lisa tuned its
+   random-gate merge afterwards, with LISA) -> `tiny-chat-moe`, bf16;
 4. `moegi-quantize` turns that into a 4-bit AWQ GEMM checkpoint (group 128, zero point, AutoAWQ
    layout) -> `tiny-chat`, what `make serve` serves through vLLM and moegi's CPU MoE plugin.
 

@@ -6,7 +6,7 @@ tokenized exactly as the server tokenizes it), the memorised answer, then `</s>`
 EOS id) and a new turn the model starts by itself. Through a raw engine the model therefore
 prints `</s>` and runs on into `### 指示:` / `[INST]`; the server's EOS truncation cuts it.
 
-`chat.py` uses this twice, as the seeds' Swallow-MoE-4x7B-lisa was made: dense Llama experts,
+`chat.py` uses this twice, as Swallow-MoE-4x7B-lisa was made: dense Llama experts,
 each trained on its part of the pairs, then (after mergekit-moe) the merged MoE tuned on all of
 them. The pairs are in `instructions.json` (and listed in the README). Seconds on 2 CPU cores.
 """
@@ -109,7 +109,7 @@ def train_expert(out: Path, tokenizer_dir: Path, language: str | None,
 def tune_moe(merged: Path, out: Path, steps: int = 300) -> None:
     """Instruction-tune a mergekit-moe merge on all pairs (its random router included).
 
-    As Swallow-MoE-4x7B-lisa was tuned after its `gate_mode: random` merge (seed 000), without
+    As Swallow-MoE-4x7B-lisa was tuned after its `gate_mode: random` merge (its model card), without
     LISA's layer sampling: the model is small enough to tune whole.
     """
     import torch

@@ -23,7 +23,7 @@ def test_awq_checkpoint_generates(awq_server: Server) -> None:
 
 def test_vllm_used_the_awq_kernel(awq_server: Server) -> None:
     log = awq_server.log.read_text(errors="replace")
-    # vLLM's CPU path for AutoAWQ GEMM checkpoints (field notes: CPUWNA16LinearKernel).
+    # vLLM's CPU path for AutoAWQ GEMM checkpoints (kernels/linear/mixed_precision/cpu.py).
     assert "CPUWNA16LinearKernel" in log, log[-2000:]
     models = httpx.get(awq_server.url + "/v1/models").json()["data"][0]
     assert models["id"] == "tiny-llama-awq"

@@ -126,3 +126,15 @@ def test_kubernetes_manifests() -> None:
     assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
     assert endpoint["port"] == svc_port["name"] and endpoint["path"] == "/metrics"
     assert endpoint["authorization"]["credentials"] == key["secretKeyRef"]
+
+
+def test_grace_periods_cover_the_drain() -> None:
+    """SIGTERM drains for shutdown_timeout_s, then vLLM stops: the orchestrators must wait."""
+    from serve.config import Settings
+
+    drain = Settings.model_fields["shutdown_timeout_s"].default
+    compose = load(DEPLOY / "compose.yaml")["services"]["moegi"]
+    assert compose["stop_grace_period"] == "30s" and drain + 8 <= 30
+    k8s = next(d for d in yaml.safe_load_all((DEPLOY / "k8s" / "moegi.yaml").read_text())
+               if d["kind"] == "Deployment")
+    assert k8s["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] >= drain + 8

@@ -9,7 +9,7 @@ import pytest
 
 import chat_templates
 
-# shisa-7b-v1's chat_template, as quoted in shared/seeds/004 (tokenizer_config.json).
+# shisa-7b-v1's chat_template, from its tokenizer_config.json (augmxnt/shisa-7b-v1).
 SHISA = (
     "{%- for idx in range(0, messages|length) -%}\n{%- if messages[idx]['role'] == 'user' -%}\n"
     "{%- if idx > 1 -%}\n{{- bos_token + '[INST] ' + messages[idx]['content'] + ' [/INST]' -}}\n"
