@@ -2,10 +2,11 @@
 
 Fine-tuned models that learned their EOS token as text print `</s>` and go on (a fine-tuned
 japanese-stablelm-instruct-beta-7b did; vLLM #2686, transformers #23175). vLLM, TGI and
-llama.cpp stop on the EOS *id* only. By default moegi also stops on the EOS *text* (however
-the model spells it across tokens: the engine matches stop strings on detokenized text) and on the template's turn markers: every
-section header it declares (instruction, input, response; `[INST]`, `<<SYS>>`), when the model
-starts one by itself. A request can opt out with `eos_truncation: false`.
+llama.cpp stop on the EOS *id* only. By default moegi also stops on the EOS *text* (however the
+model spells it across tokens: the engine matches stop strings on detokenized text) and on the
+template's turn markers: every section header it declares (instruction, input, response;
+`[INST]`, `<<SYS>>`), when the model starts one by itself.
+A request can opt out with `eos_truncation: false`.
 
 A cut at any turn marker, a response header included, reports finish_reason `stop`,
 stop_type `turn_marker` and the marker as stop_reason.
