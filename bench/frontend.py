@@ -3,13 +3,11 @@
 Both servers run the same model with the same engine flags, one at a time, alternating for
 `--rounds` rounds (3 by default), at two scales:
 
-- `tiny`: tiny-mixtral (bf16, hidden 128, 2 layers, 4 experts): the front end's own cost shows;
-- `large`: a bf16 Mixtral of hidden 1024, 8 layers, 8 experts (as bench/moe.py builds it),
-  where engine time dominates.
+- `tiny`: a bf16 Mixtral of hidden 128, 2 layers, 4 experts: the front end's own cost shows;
+- `large`: a bf16 Mixtral of hidden 1024, 8 layers, 8 experts, where engine time dominates.
 
-Both have random weights; a logit_bias of -100 on the 256 byte-fallback tokens keeps their text
-whole characters, so every token is a chunk on both servers (a byte token alone spells no
-character, and both servers hold such bytes back).
+Both are bench/models.py's: random weights whose greedy text is whole characters, so every
+token is one chunk on both servers.
 
 Load (chat completions, 64 tokens, ignore_eos, the same prompt): streaming at 1, 8 and 32
 concurrent requests, and 32 non-streamed. The client runs under SCHED_FIFO (bench/common.py)
@@ -42,20 +40,18 @@ from bench.common import (
     spread,
     table,
 )
-from bench.moe import _models as large_models
-from serve.tiny.build import cache_root, ensure_model
+from bench.models import LARGE_MOE, TINY_MOE
+from bench.models import model as bench_model
 
 TOKENS = 64
 LEVELS = (1, 8, 32)
-BYTE_TOKENS = range(3, 259)  # <0x00>..<0xFF> in the tiny tokenizer (unk, bos, eos first)
 
 
 def _model(scale: str) -> tuple[Path, dict[str, Any]]:
     """The model folder and the request fields both servers get."""
-    bias = {"logit_bias": {str(t): -100 for t in BYTE_TOKENS}}
     if scale == "tiny":
-        return ensure_model("tiny-mixtral"), bias
-    return large_models(cache_root() / "bench")["bf16 MoE"], bias
+        return bench_model("tiny-moe", "mixtral", TINY_MOE), {}
+    return bench_model("moe", "mixtral", LARGE_MOE), {}
 
 
 def _server(kind: str, model: Path, log_dir: Path, moegi_repo: Path | None = None

@@ -109,4 +109,10 @@ def load(tokenizer: Any, model_dir: Path, calib: Path | None = None, num_samples
 
 def heldout_texts(path: Path | None = None) -> list[str]:
     """Held-out evaluation text (never used for calibration or for training the test models)."""
-    return [str(r["text"]) for r in read_rows(path or HELDOUT) if "text" in r]
+    source = path or HELDOUT
+    if not source.is_file():
+        raise CalibrationError(f"--eval {source}: no such file")
+    texts = [str(r["text"]) for r in read_rows(source) if "text" in r and str(r["text"]).strip()]
+    if not texts:
+        raise CalibrationError(f'{source} holds no {{"text": ...}} rows to evaluate on')
+    return texts

@@ -20,7 +20,8 @@ def _version(dist: str) -> str:
         return "unknown"
 
 
-def _gib(n: int) -> str:
+def _size(n: int) -> str:
+    """Bytes in GiB, or in MiB below a quarter GiB."""
     return f"{n / 2**30:.2f} GiB" if n >= 2**28 else f"{n / 2**20:.2f} MiB"
 
 
@@ -54,7 +55,7 @@ def render_card(opts: Any, result: Any) -> str:
         f"| Calibration samples | {len(c.samples)} sequences, {c.num_tokens} tokens, "
         f"at most {c.seq_len} tokens each |",
         f"| Instruction rows rendered as | {c.prompt_format} |",
-        f"| Size on disk | {_gib(result.size_bytes)} |",
+        f"| Size on disk | {_size(result.size_bytes)} |",
         f"| Quantized on | {result.device}, {result.seconds:.0f} s, peak RSS "
         f"{result.peak_rss_gb:.1f} GiB |",
         "",

@@ -32,6 +32,10 @@ _LAYER = re.compile(r"\.layers\.(\d+)\.")
 QUANT_LEAVES = frozenset({"weight_packed", "weight_scale", "weight_zero_point", "weight_shape"})
 
 
+class RepackError(AssertionError):
+    """The GEMM files do not say what llm-compressor computed."""
+
+
 @dataclass
 class WriteReport:
     inexact_scales: int = 0
@@ -162,6 +166,44 @@ def write_gemm(ct_dir: Path, out: Path, spec: ArchSpec, group_size: int,
     config["dtype"] = "float16"
     (out / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
     return report
+
+
+def check_repack(ct_dir: Path, gemm_dir: Path, spec: ArchSpec) -> int:
+    """Compare every quantized layer with llm-compressor's, bit for bit; return how many.
+
+    The GEMM tensors must unpack to compressed-tensors' integers and zero points, and
+    dequantize to exactly its fake-quantized weights (in the model's dtype).
+    """
+    from compressed_tensors.quantization import QuantizationArgs
+    from compressed_tensors.quantization.lifecycle.forward import dequantize as ct_dequantize
+
+    from quantize import gemm
+
+    written = read_tensors(gemm_dir)
+    checked = 0
+    for layer in ct_entries(ct_dir):
+        if not isinstance(layer, PackedLinear):
+            continue
+        scale = layer.scale
+        q, z = gemm.ct_integers(layer.packed, layer.zero_point, layer.shape, scale.shape[1])
+        name = spec.original_name(layer.name)
+        qweight, qzeros, scales = (written[f"{name}.{s}"] for s in ("qweight", "qzeros", "scales"))
+        if not torch.equal(gemm.unpack_gemm(qweight).t(), q.to(torch.int32) + 8):
+            raise RepackError(f"{name}: repacked weights differ from llm-compressor's")
+        if not torch.equal(gemm.unpack_gemm(qzeros).t(), z.to(torch.int32) + 8):
+            raise RepackError(f"{name}: repacked zero points differ from llm-compressor's")
+        group = layer.shape[1] // scale.shape[1]
+        args = QuantizationArgs(num_bits=4, type="int", symmetric=False, strategy="group",
+                                group_size=group)
+        theirs = ct_dequantize(q.to(scale.dtype), scale, z.to(scale.dtype), args)
+        ours = gemm.dequantize((qweight, qzeros, scales)).to(scale.dtype)
+        if not torch.equal(ours, theirs):
+            bad = int((ours != theirs).sum())
+            raise RepackError(f"{name}: {bad} dequantized weights differ from llm-compressor's")
+        checked += 1
+    if checked == 0:
+        raise RepackError(f"{ct_dir} holds no quantized layers")
+    return checked
 
 
 def copy_tokenizer(model_dir: Path, out: Path, template_source: str | None) -> None:

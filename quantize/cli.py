@@ -75,9 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     except (runner.QuantizeError, UnsupportedArchitecture, CalibrationError) as exc:
         print(f"moegi-quantize: {exc}", file=sys.stderr)
         return 2
-    gpu = f", peak GPU {result.peak_gpu_gb:.1f} GiB" if result.peak_gpu_gb is not None else ""
-    print(f"wrote {result.out} ({result.size_bytes / 2**20:.1f} MiB) in {result.seconds:.1f} s "
-          f"on {result.device}; peak RSS {result.peak_rss_gb:.2f} GiB{gpu}")
+    print(runner.write_summary(result))
     return 0
 
 

@@ -1,30 +1,33 @@
-"""One quantization run: load, calibrate, AWQ search in llm-compressor, repack, publish.
+"""One quantization run: check, load, calibrate, AWQ search in llm-compressor, repack, gate,
+publish.
 
-The output appears only when everything succeeded: the run writes into a hidden temporary
-folder beside `out` and renames it at the end, so an interrupted run never leaves something
-that looks like a finished checkpoint. The repacked tensors are checked bit for bit against
-llm-compressor's before the rename.
+The output appears only when everything succeeded: the run writes into a hidden folder beside
+`out` and renames it at the end, so an interrupted run never leaves something that looks like a
+finished checkpoint, and SIGTERM (`docker stop`, `timeout`) cleans the hidden folder up like
+Ctrl-C does. Before the rename, the repacked tensors are checked bit for bit against
+llm-compressor's, and the written checkpoint goes through a quality gate: a forward pass on a
+few held-out sequences, read back from the files, must agree with the original's
+(`verify.quick_agreement`); a checkpoint that is far off is not published.
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
 import resource
 import shutil
+import signal
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from quantize import calibration, checkpoint, compat, mappings
+from quantize import calibration, checkpoint, compat, preflight, verify
 from quantize.mappings import ArchSpec
+from quantize.preflight import FORMATS, QuantizeError
 
-FORMATS = ("awq-gemm", "compressed-tensors")
-
-
-class QuantizeError(ValueError):
-    pass
+__all__ = ["FORMATS", "Options", "QuantizeError", "Result", "quantize"]
 
 
 @dataclass
@@ -51,30 +54,9 @@ class Result:
     peak_gpu_gb: float | None
     device: str
     size_bytes: int
+    gate_kl: float
+    gate_top1: float
     report: checkpoint.WriteReport | None = None
-
-
-def check_options(opts: Options) -> ArchSpec:
-    """Fail before any heavy work: bad paths, format, or architecture."""
-    if not (opts.model / "config.json").is_file():
-        raise QuantizeError(f"{opts.model} is not a model folder (no config.json); pass a local "
-                            "Hugging Face model directory")
-    if opts.format not in FORMATS:
-        raise QuantizeError(f"--format must be one of {', '.join(FORMATS)}")
-    if opts.out.exists() and not opts.overwrite:
-        raise QuantizeError(f"{opts.out} already exists; choose another --out or pass --overwrite")
-    if opts.num_samples < 1 or opts.seq_len < 2:
-        raise QuantizeError("--num-samples must be >= 1 and --seq-len >= 2")
-    if opts.calib is not None and not opts.calib.is_file():
-        raise QuantizeError(f"--calib {opts.calib}: no such file")
-    config = json.loads((opts.model / "config.json").read_text())
-    spec = mappings.for_config(config)
-    # Every quantized layer reads hidden_size or intermediate_size inputs; groups must tile them.
-    widths = {config.get("hidden_size"), config.get("intermediate_size")} - {None}
-    if opts.group_size < 8 or any(int(w) % opts.group_size for w in widths):
-        raise QuantizeError(f"--group-size {opts.group_size} must divide the layer widths "
-                            f"{sorted(widths)}; 128 (the default) fits Llama, Mistral and Mixtral")
-    return spec
 
 
 def recipe(spec: ArchSpec, method: str, group_size: int) -> list[Any]:
@@ -112,53 +94,86 @@ def _peaks() -> tuple[float, float | None]:
     return rss, gpu
 
 
-def quantize(opts: Options) -> Result:
-    spec = check_options(opts)
-    start = time.monotonic()
-    compat.patch_for_cpu()
-    from llmcompressor import oneshot
-    from transformers import AutoTokenizer
+@contextlib.contextmanager
+def _terminable() -> Iterator[None]:
+    """SIGTERM unwinds the run like Ctrl-C does, so its `finally` blocks clean up."""
 
-    tok = AutoTokenizer.from_pretrained(opts.model)
-    calib = calibration.load(tok, opts.model, opts.calib, opts.num_samples, opts.seq_len)
-    template = calibration.template_source(tok, opts.model)
-    model = load_model(opts.model, spec)
-    # moe_calibrate_all_experts (llm-compressor's default) sends every calibration token through
-    # every expert, so an expert the router rarely picks still gets statistics.
-    oneshot(model=model, dataset=calib.dataset(), recipe=recipe(spec, opts.method, opts.group_size),
-            num_calibration_samples=len(calib.samples), max_seq_length=opts.seq_len)
-    opts.out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{opts.out.name}.partial-", dir=opts.out.parent))
+    def stop(signum: int, _frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
     try:
-        ct_dir = work / "compressed-tensors"
-        model.save_pretrained(ct_dir, save_compressed=True)
-        del model
-        report = None
-        if opts.format == "awq-gemm":
-            stage = work / "awq-gemm"
-            stage.mkdir()
+        previous = signal.signal(signal.SIGTERM, stop)
+    except ValueError:  # not the main thread: nothing to install
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def quantize(opts: Options) -> Result:
+    plan = preflight.check(opts.model, opts.out, fmt=opts.format, group_size=opts.group_size,
+                           num_samples=opts.num_samples, seq_len=opts.seq_len, calib=opts.calib,
+                           overwrite=opts.overwrite)
+    spec = plan.spec
+    start = time.monotonic()
+    with _terminable():
+        compat.patch_for_cpu()
+        from llmcompressor import oneshot
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(opts.model)
+        calib = calibration.load(tok, opts.model, opts.calib, opts.num_samples, opts.seq_len)
+        template = calibration.template_source(tok, opts.model)
+        model = load_model(opts.model, spec)
+        # moe_calibrate_all_experts (llm-compressor's default) sends every calibration token
+        # through every expert, so an expert the router rarely picks still gets statistics.
+        oneshot(model=model, dataset=calib.dataset(),
+                recipe=recipe(spec, opts.method, opts.group_size),
+                num_calibration_samples=len(calib.samples), max_seq_length=opts.seq_len)
+        work = Path(tempfile.mkdtemp(prefix=f".{opts.out.name}.partial-", dir=opts.out.parent))
+        try:
+            ct_dir = work / "compressed-tensors"
+            model.save_pretrained(ct_dir, save_compressed=True)
+            del model
+            gemm_dir = work / "awq-gemm"
+            gemm_dir.mkdir()
             from tqdm import tqdm
 
-            layers = int(json.loads((ct_dir / "config.json").read_text())["num_hidden_layers"])
+            layers = int(plan.config["num_hidden_layers"])
             with tqdm(total=layers, desc="Repacking to AWQ GEMM", unit="layer") as bar:
-                report = checkpoint.write_gemm(ct_dir, stage, spec, opts.group_size,
+                report = checkpoint.write_gemm(ct_dir, gemm_dir, spec, opts.group_size,
                                                int(opts.max_shard_gb * 2**30), bar)
-            from quantize.verify import check_repack
+            checkpoint.check_repack(ct_dir, gemm_dir, spec)
+            checkpoint.copy_tokenizer(opts.model, gemm_dir, template)
+            try:
+                kl, top1 = verify.quick_agreement(gemm_dir, opts.model, tok)
+            except (KeyError, RuntimeError) as exc:  # a tensor under a name no reader maps
+                raise QuantizeError(f"the written checkpoint does not read back as a "
+                                    f"{spec.architecture} ({exc}); it was not published") from exc
+            if kl > verify.MAX_MEAN_KL:
+                raise QuantizeError(
+                    f"the written checkpoint is far from the original: mean KL {kl:.3f} nats "
+                    f"(limit {verify.MAX_MEAN_KL}), top-1 agreement {top1:.1%} on "
+                    f"{verify.GATE_SEQUENCES} held-out sequences; it was not published. A "
+                    "misread layer does this: check that the model loads in transformers and "
+                    "report its tensor names")
+            stage = gemm_dir
+            if opts.format == "compressed-tensors":
+                stage = ct_dir
+                checkpoint.copy_tokenizer(opts.model, stage, template)
+            rss, gpu = _peaks()
+            result = Result(opts.out, spec, calib, time.monotonic() - start, rss, gpu,
+                            compat.device_name(), checkpoint.dir_size(stage), kl, top1,
+                            report if opts.format == "awq-gemm" else None)
+            from quantize.card import write_card
 
-            check_repack(ct_dir, stage, spec)
-        else:
-            stage = ct_dir
-        checkpoint.copy_tokenizer(opts.model, stage, template)
-        rss, gpu = _peaks()
-        result = Result(opts.out, spec, calib, time.monotonic() - start, rss, gpu,
-                        compat.device_name(), checkpoint.dir_size(stage), report)
-        from quantize.card import write_card
-
-        write_card(stage, opts, result)
-        result.size_bytes = checkpoint.dir_size(stage)
-        _publish(stage, opts.out)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+            write_card(stage, opts, result)
+            result.size_bytes = checkpoint.dir_size(stage)
+            _publish(stage, opts.out)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
     return result
 
 
@@ -176,3 +191,11 @@ def _publish(stage: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         stage.rename(out)
+
+
+def write_summary(result: Result) -> str:
+    gpu = f", peak GPU {result.peak_gpu_gb:.1f} GiB" if result.peak_gpu_gb is not None else ""
+    return (f"wrote {result.out} ({result.size_bytes / 2**20:.1f} MiB) in {result.seconds:.1f} s "
+            f"on {result.device}; peak RSS {result.peak_rss_gb:.2f} GiB{gpu}; checked against "
+            f"the original: mean KL {result.gate_kl:.4f} nats, top-1 {result.gate_top1:.1%}")
+

@@ -52,6 +52,9 @@ class SamplingSpec:
     # Structured output: a JSON schema the reply must follow, or any JSON object.
     json_schema: dict[str, Any] | None = None
     json_object: bool = False
+    # True: the caller consumes the output step by step (a stream). False: it needs only the
+    # finished choices, which the engine then sends once (no per-token work in between).
+    incremental: bool = True
 
 
 @dataclass(slots=True)
@@ -86,7 +89,7 @@ class EngineStep:
 
 
 class Engine(Protocol):
-    """What the server needs from an inference engine: three methods."""
+    """What the server needs from an inference engine: four methods."""
 
     def generate(
         self, prompt_token_ids: list[int], spec: SamplingSpec, request_id: str
@@ -101,4 +104,8 @@ class Engine(Protocol):
 
     async def check_health(self) -> None:
         """Return if the engine can serve, raise EngineDeadError if it cannot."""
+        ...
+
+    def progress(self) -> float:
+        """A number that grows whenever the engine computes tokens (prompt or generated)."""
         ...

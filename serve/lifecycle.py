@@ -1,8 +1,8 @@
 """The server's life around the engine: liveness, a watchdog, the drain on SIGTERM, reaping.
 
-- `MonitoredEngine` wraps the engine: it counts requests in flight and notes each step, so
-  `Liveness` can tell a hung engine (requests waiting, nothing produced for `engine_stall_s`)
-  from an idle one; `/health` answers 503 for both a dead and a hung engine.
+- `MonitoredEngine` wraps the engine: it counts requests in flight and reads the engine's
+  progress counter, so `Liveness` can tell a hung engine (requests in flight, no token computed
+  for `engine_stall_s`) from an idle one; `/health` answers 503 for a dead and a hung engine.
 - `watchdog` asks the engine for its health every second, with or without traffic, so a dead
   engine core is noticed (and the server exits non-zero) within seconds.
 - `Drain` holds the streams in progress. On SIGTERM new connections are refused, requests in
@@ -28,27 +28,31 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Liveness:
-    """Requests in flight and the last time the engine produced anything."""
+    """Requests in flight, and the last time the engine was seen computing tokens."""
 
     stall_s: float = 60.0
     in_flight: int = 0
     last_progress: float = field(default_factory=time.monotonic)
+    _seen: float = -1.0
 
-    def stalled_for(self) -> float:
-        """Seconds the engine has owed output while holding requests (0 when idle)."""
-        if self.in_flight == 0:
-            return 0.0
-        return time.monotonic() - self.last_progress
+    def observe(self, progress: float) -> None:
+        """Note the engine's progress counter; it moved, or nothing is owed: not stalled."""
+        if progress != self._seen or self.in_flight == 0:
+            self._seen, self.last_progress = progress, time.monotonic()
 
     def check(self) -> None:
-        stalled = self.stalled_for()
-        if stalled > self.stall_s:
-            raise EngineDeadError(f"the engine has produced nothing for {stalled:.0f} s with "
+        stalled = time.monotonic() - self.last_progress
+        if self.in_flight and stalled > self.stall_s:
+            raise EngineDeadError(f"the engine has computed nothing for {stalled:.0f} s with "
                                   f"{self.in_flight} request(s) in flight (hung)")
 
 
 class MonitoredEngine:
-    """An `Engine` that reports every request and step to a `Liveness`."""
+    """An `Engine` that counts requests in flight and checks the engine's progress with them.
+
+    Progress is the engine's own token counter, so a long non-streamed reply (which sends
+    nothing until it is done) is not mistaken for a hang.
+    """
 
     def __init__(self, engine: Engine, liveness: Liveness) -> None:
         self.inner, self.liveness = engine, liveness
@@ -57,11 +61,10 @@ class MonitoredEngine:
                        ) -> AsyncIterator[EngineStep]:
         live = self.liveness
         if live.in_flight == 0:
-            live.last_progress = time.monotonic()  # idle until now: the clock starts here
+            live.observe(self.inner.progress())  # idle until now: the clock starts here
         live.in_flight += 1
         try:
             async for step in self.inner.generate(prompt_token_ids, spec, request_id):
-                live.last_progress = time.monotonic()
                 yield step
         finally:
             live.in_flight -= 1
@@ -71,7 +74,11 @@ class MonitoredEngine:
 
     async def check_health(self) -> None:
         await self.inner.check_health()
+        self.liveness.observe(self.inner.progress())
         self.liveness.check()
+
+    def progress(self) -> float:
+        return self.inner.progress()
 
 
 async def watchdog(engine: Engine, on_dead: Callable[[BaseException], None],

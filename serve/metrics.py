@@ -38,7 +38,8 @@ REQUEST_DURATION = Histogram("moegi_request_duration_seconds",
                              "End-to-end request time, to the last byte of a stream",
                              ["route", "model"], buckets=_LATENCY)
 TIME_TO_FIRST_TOKEN = Histogram("moegi_time_to_first_token_seconds",
-                                "From the engine request to the first generated token",
+                                "From the engine request to the first generated token (streamed "
+                                "requests; a non-streamed reply arrives whole)",
                                 ["model"], buckets=_LATENCY)
 PROMPT_TOKENS = Counter("moegi_prompt_tokens", "Prompt tokens processed", ["model"])
 GENERATION_TOKENS = Counter("moegi_generation_tokens", "Tokens generated", ["model"])

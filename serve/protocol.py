@@ -186,6 +186,7 @@ class SamplingRequest(BaseModel):
             logit_bias={int(k): v for k, v in self.logit_bias.items()} if self.logit_bias else None,
             json_schema=schema,
             json_object=json_object,
+            incremental=self.stream,
         )
 
 

@@ -239,7 +239,8 @@ class Run:
         model, usage = self.model, self.usage
         finished = False
         start = time.perf_counter()
-        first_token = True
+        # A non-streamed run arrives in one piece at its end: it has no first-token time.
+        first_token = self.spec.incremental
         try:
             async for step in self.engine.generate(self.prompt_ids, self.spec, self.request_id):
                 usage.prompt_tokens = step.num_prompt_tokens

@@ -94,7 +94,8 @@ class VllmEngine:
             # The serving layer cuts stop strings itself with a minimal hold-back; vLLM's own
             # hold-back would delay every chunk by len(longest stop) - 1 characters.
             include_stop_str_in_output=True,
-            output_kind=RequestOutputKind.DELTA,
+            output_kind=RequestOutputKind.DELTA if spec.incremental
+            else RequestOutputKind.FINAL_ONLY,
         )
 
     async def generate(
@@ -148,6 +149,16 @@ class VllmEngine:
             await self._llm.check_health()
         except Exception as e:  # vLLM raises its own EngineDeadError here
             raise EngineDeadError(str(e)) from e
+
+    def progress(self) -> float:
+        """Tokens vLLM has processed: its own `vllm:prompt_tokens` and `vllm:generation_tokens`
+        counters (the engine updates them every step, streamed requests or not)."""
+        from prometheus_client import REGISTRY
+
+        names = {"vllm:prompt_tokens_total", "vllm:generation_tokens_total"}
+        return sum(sample.value for metric in REGISTRY.collect()
+                   if metric.name in ("vllm:prompt_tokens", "vllm:generation_tokens")
+                   for sample in metric.samples if sample.name in names)
 
     def shutdown(self) -> None:
         self._llm.shutdown()

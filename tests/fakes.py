@@ -23,6 +23,7 @@ class FakeEngine:
         # so text and tokens agree as they do from vLLM; without, one made-up id per piece.
         self.tokenizer = tokenizer
         self.aborted: list[str] = []
+        self.steps = 0  # the progress counter
         self.requests: list[tuple[list[int], SamplingSpec]] = []
 
     async def generate(self, prompt_token_ids: list[int], spec: SamplingSpec, request_id: str
@@ -52,6 +53,7 @@ class FakeEngine:
                     end = texts[i].index(stop) + len(stop)
                     text = piece[: len(piece) - (len(texts[i]) - end)]
                 choices.append(ChoiceDelta(i, text, ids, lps, finish, stop))
+            self.steps += 1
             yield EngineStep(choices, len(prompt_token_ids))
             if all(c.finish_reason for c in choices):
                 return
@@ -62,3 +64,6 @@ class FakeEngine:
     async def check_health(self) -> None:
         if self.dead:
             raise EngineDeadError("fake engine died")
+
+    def progress(self) -> float:
+        return float(self.steps)

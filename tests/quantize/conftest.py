@@ -13,20 +13,20 @@ from serve.tiny.build import ensure_model
 
 def quantize_keeping_compressed(model: str, out: Path, keep: Path, **kw: Any) -> Any:
     """Run a quantization and keep a copy of llm-compressor's own output for bit checks."""
-    from quantize import verify
+    from quantize import checkpoint
     from quantize.run import Options, quantize
 
-    real = verify.check_repack
+    real = checkpoint.check_repack
 
     def spy(ct_dir: Path, gemm_dir: Path, spec: Any) -> int:
         shutil.copytree(ct_dir, keep)
         return real(ct_dir, gemm_dir, spec)
 
-    verify.check_repack = spy  # type: ignore[assignment]
+    checkpoint.check_repack = spy  # type: ignore[assignment]
     try:
         return quantize(Options(ensure_model(model), out, **kw))
     finally:
-        verify.check_repack = real  # type: ignore[assignment]
+        checkpoint.check_repack = real  # type: ignore[assignment]
 
 
 @pytest.fixture(scope="session")

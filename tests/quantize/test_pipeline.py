@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import torch
 
-from quantize import card, verify
+from quantize import card, checkpoint, verify
 from quantize.checkpoint import read_tensors
 from quantize.cli import main as cli
 from quantize.gemm import unpack_gemm
@@ -54,7 +54,7 @@ def test_gemm_layout_and_config(awq_dirs: dict[str, Any], name: str) -> None:
 def test_repack_is_bit_exact(awq_dirs: dict[str, Any], name: str) -> None:
     out, ct, _ = awq_dirs[name]
     spec = lookup(json.loads((ct / "config.json").read_text())["architectures"][0])
-    checked = verify.check_repack(ct, out, spec)
+    checked = checkpoint.check_repack(ct, out, spec)
     assert checked == (2 * (4 + 4 * 3) if name == "tiny-mixtral" else 2 * 7)
     # And the check can fail: one flipped nibble is caught.
     tampered = out.parent / f"{name}-tampered"
@@ -66,8 +66,8 @@ def test_repack_is_bit_exact(awq_dirs: dict[str, Any], name: str) -> None:
     from safetensors.torch import save_file
 
     save_file(t, str(tampered / "model.safetensors"))
-    with pytest.raises(verify.VerifyError, match="repacked weights differ"):
-        verify.check_repack(ct, tampered, spec)
+    with pytest.raises(checkpoint.RepackError, match="repacked weights differ"):
+        checkpoint.check_repack(ct, tampered, spec)
     assert unpack_gemm(t[key]).max() <= 15
 
 

@@ -1,0 +1,115 @@
+"""Everything a quantization run can check before it loads anything.
+
+A run that fails after an hour of AWQ search because the output folder is not writable, the disk
+is full, or the model folder has no tokenizer, wastes the hour; one that writes its output
+inside the model folder (or replaces it) loses data. These checks run first and fail in
+seconds, with a message that names the fix.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from safetensors import safe_open
+
+from quantize import mappings
+from quantize.mappings import ArchSpec
+
+FORMATS = ("awq-gemm", "compressed-tensors")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
+# Kept in 16 bits by the quantizer: embeddings, the head, norms, MoE routers, biases.
+_KEPT = re.compile(r"(embed_tokens|lm_head|norm|\.gate\.weight$|\.bias$)")
+
+
+class QuantizeError(ValueError):
+    pass
+
+
+@dataclass
+class Plan:
+    spec: ArchSpec
+    config: dict[str, Any]
+    model_bytes: int  # the checkpoint's tensors on disk
+    out_bytes: int  # the estimated output
+
+
+def _tensor_sizes(model: Path) -> tuple[int, int]:
+    """(bytes on disk, estimated bytes of the 4-bit output), from the shards' headers only."""
+    on_disk = out = 0
+    for shard in sorted(model.glob("*.safetensors")):
+        with safe_open(str(shard), "pt") as f:
+            for key in f.keys():  # noqa: SIM118 - safe_open handles are not mappings
+                t = f.get_slice(key)
+                n = 1
+                for d in t.get_shape():
+                    n *= d
+                size = {"F32": 4, "F16": 2, "BF16": 2}.get(t.get_dtype(), 4)
+                on_disk += n * size
+                kept = _KEPT.search(key) or len(t.get_shape()) < 2
+                # 4 bits a weight, and per group of 128: an fp16 scale and a 4-bit zero point.
+                out += n * 2 if kept else n // 2 + n * 5 // (2 * 128)
+    return on_disk, out
+
+
+def _same_or_nested(a: Path, b: Path) -> bool:
+    return a == b or a.is_relative_to(b) or b.is_relative_to(a)
+
+
+def check(model: Path, out: Path, *, fmt: str, group_size: int, num_samples: int, seq_len: int,
+          calib: Path | None, overwrite: bool) -> Plan:
+    """Fail before any heavy work: paths, architecture, options, tokenizer, space, writability."""
+    if not (model / "config.json").is_file():
+        raise QuantizeError(f"{model} is not a model folder (no config.json); pass a local "
+                            "Hugging Face model directory")
+    if fmt not in FORMATS:
+        raise QuantizeError(f"--format must be one of {', '.join(FORMATS)}")
+    if num_samples < 1 or seq_len < 2:
+        raise QuantizeError("--num-samples must be >= 1 and --seq-len >= 2")
+    if calib is not None and not calib.is_file():
+        raise QuantizeError(f"--calib {calib}: no such file")
+    src, dst = model.resolve(), out.resolve()
+    if _same_or_nested(src, dst):
+        where = ("the model folder" if src == dst else "inside the model folder"
+                 if dst.is_relative_to(src) else "a folder that contains the model")
+        raise QuantizeError(f"{out} is {where}: choose an output folder outside the model, "
+                            f"e.g. {src.parent / (model.name + '-AWQ')}")
+    if out.exists() and not overwrite:
+        raise QuantizeError(f"{out} already exists; choose another --out or pass --overwrite")
+    if not any((model / f).is_file() for f in TOKENIZER_FILES):
+        raise QuantizeError(f"{model} has no tokenizer files ({' or '.join(TOKENIZER_FILES)}): "
+                            "copy the tokenizer of the model it was made from into the folder "
+                            "(mergekit copies it with tokenizer_source; a hand-made merge may not)")
+    if not list(model.glob("*.safetensors")):
+        raise QuantizeError(f"{model} has no .safetensors weights: save the model with "
+                            "safe_serialization (transformers' default) first")
+    config = json.loads((model / "config.json").read_text())
+    spec = mappings.for_config(config)
+    # Every quantized layer reads hidden_size or intermediate_size inputs; groups must tile them.
+    widths = {config.get("hidden_size"), config.get("intermediate_size")} - {None}
+    if group_size < 8 or any(int(w) % group_size for w in widths):
+        raise QuantizeError(f"--group-size {group_size} must divide the layer widths "
+                            f"{sorted(widths)}; 128 (the default) fits Llama, Mistral and Mixtral")
+    model_bytes, out_bytes = _tensor_sizes(model)
+    parent = dst.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=parent, prefix=".moegi-write-test-"):
+            pass
+    except OSError as exc:
+        raise QuantizeError(f"cannot write into {parent} ({exc.strerror}): choose an output "
+                            "folder you can write to") from None
+    # The run writes llm-compressor's files and the GEMM files beside each other, then renames.
+    need = 2 * out_bytes
+    free = shutil.disk_usage(parent).free
+    if free < need * 1.1:
+        raise QuantizeError(f"{parent} has {free / 2**30:.1f} GiB free; the run needs about "
+                            f"{need * 1.1 / 2**30:.1f} GiB there (its output, {out_bytes / 2**30:.1f}"
+                            " GiB, is written twice before the rename): free some space or "
+                            "choose another --out")
+    return Plan(spec, config, model_bytes, out_bytes)

@@ -1,0 +1,151 @@
+"""A quantization run never loses data or publishes a broken checkpoint, and fails early.
+
+Each case is what a user hit: OUT equal to, inside, or around the model; an unwritable or full
+output disk; SIGTERM mid-run; a merge without tokenizer files; English-only --eval text; a
+checkpoint whose tensors do not read back as the model.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from quantize import checkpoint, run
+from quantize.cli import main as cli
+from quantize.preflight import QuantizeError
+from quantize.run import Options, quantize
+from serve.tiny.build import ensure_model
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _copy(model: str, dest: Path) -> Path:
+    shutil.copytree(ensure_model(model), dest)
+    return dest
+
+
+def _no_loading(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail the test if a run gets as far as loading the model."""
+    def loaded(*_: Any) -> None:
+        raise AssertionError("the run loaded the model before refusing")
+
+    monkeypatch.setattr(run, "load_model", loaded)
+
+
+def test_out_is_never_the_model_inside_it_or_around_it(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    _no_loading(monkeypatch)
+    model = _copy("tiny-llama", tmp_path / "models" / "tiny")
+    before = sorted(p.name for p in model.iterdir())
+    for out, where in ((model, "is the model folder"), (model / "awq", "inside the model"),
+                       (tmp_path / "models", "contains the model")):
+        with pytest.raises(QuantizeError, match=where):
+            quantize(Options(model, out, overwrite=True))
+    assert sorted(p.name for p in model.iterdir()) == before
+
+
+def test_unwritable_or_full_output_fails_before_loading(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    _no_loading(monkeypatch)
+    model = ensure_model("tiny-llama")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if os.access(locked, os.W_OK):  # root ignores modes: make the parent a file instead
+            locked.chmod(0o700)
+            locked.rmdir()
+            locked.write_text("not a folder")
+        with pytest.raises(QuantizeError, match="cannot write into"):
+            quantize(Options(model, locked / "out"))
+    finally:
+        if locked.is_dir():
+            locked.chmod(0o700)
+
+    class Full:
+        free = 1 << 20
+
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: Full)
+    with pytest.raises(QuantizeError, match="free some space"):
+        quantize(Options(model, tmp_path / "out"))
+
+
+def test_missing_tokenizer_files_name_the_fix(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                              capsys: Any) -> None:
+    _no_loading(monkeypatch)
+    model = _copy("tiny-mixtral", tmp_path / "merge")
+    for f in model.glob("tokenizer*"):
+        f.unlink()
+    assert cli([str(model), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "no tokenizer files" in err and "copy the tokenizer" in err
+    assert "sentencepiece" not in err
+
+
+def test_sigterm_leaves_no_partial_folder(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "quantize", "tiny-text", str(out),
+                             "--num-samples", "8"], cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 300
+    while not list(tmp_path.glob(".out.partial-*")) and time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:] if proc.stderr else ""
+        time.sleep(0.05)
+    assert list(tmp_path.glob(".out.partial-*")), "the run never reached its writing phase"
+    proc.send_signal(signal.SIGTERM)
+    code = proc.wait(timeout=60)
+    assert code == 128 + signal.SIGTERM
+    assert list(tmp_path.iterdir()) == []  # no partial folder, no half output
+
+
+def test_verify_on_english_only_and_bad_eval_files(tmp_path: Path, capsys: Any) -> None:
+    out = tmp_path / "awq"
+    assert cli(["tiny-text", str(out), "--num-samples", "16"]) == 0
+    english = tmp_path / "en.jsonl"
+    english.write_text('{"text": "The capital of Japan is Tokyo. It is a large city."}\n'
+                       '{"text": "Mount Fuji is the highest mountain in Japan."}\n')
+    assert cli(["verify", str(out), "--original", "tiny-text", "--eval", str(english)]) == 0
+    table = capsys.readouterr().out
+    assert "| - |" in table  # no Japanese rows: the ja column is empty, not a KeyError
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\nnot json\n')
+    assert cli(["verify", str(out), "--original", "tiny-text", "--eval", str(bad)]) == 2
+    assert f"{bad}:2" in capsys.readouterr().err
+    empty = tmp_path / "messages.jsonl"
+    empty.write_text('{"messages": [{"role": "user", "content": "x"}]}\n')
+    assert cli(["verify", str(out), "--original", "tiny-text", "--eval", str(empty)]) == 2
+    assert "no {\"text\"" in capsys.readouterr().err
+
+
+def test_a_checkpoint_far_from_the_original_is_not_published(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch
+                                                              ) -> None:
+    """The gate reads the written files back: here one layer's scales are wrong on disk."""
+    real = checkpoint.write_gemm
+
+    def broken(ct_dir: Path, out: Path, *args: Any, **kw: Any) -> Any:
+        report = real(ct_dir, out, *args, **kw)
+        tensors = checkpoint.read_tensors(out)
+        for key in tensors:
+            if key.endswith(".scales") and ".layers.0." in key:
+                tensors[key] = tensors[key] * 8  # a repacker bug, a misplaced tensor...
+        for shard in out.glob("*.safetensors"):
+            shard.unlink()
+        from safetensors.torch import save_file
+
+        save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+        return report
+
+    monkeypatch.setattr(checkpoint, "write_gemm", broken)
+    monkeypatch.setattr(checkpoint, "check_repack", lambda *_: 1)  # let it reach the gate
+    with pytest.raises(QuantizeError, match="not published"):
+        quantize(Options(ensure_model("tiny-text"), tmp_path / "out", num_samples=8))
+    assert list(tmp_path.iterdir()) == []
