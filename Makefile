@@ -27,7 +27,7 @@ export HF_HUB_OFFLINE ?= 1
 export PIP_DISABLE_PIP_VERSION_CHECK ?= 1
 
 .PHONY: serve test lint unit integration install models clean quantize-env quantize test-quantize prometheus \
-	bench bench-moe
+	bench bench-moe bench-quantize
 
 install: $(STAMP)
 
@@ -90,6 +90,9 @@ bench-moe: $(STAMP) $(QSTAMP)
 
 bench: $(STAMP) $(QSTAMP)
 	$(BIN)/python -m bench.frontend
+
+bench-quantize: $(STAMP) $(QSTAMP)
+	$(BIN)/python -m bench.quantize_memory
 
 clean:
 	rm -rf $(VENV) $(QVENV) .pytest_cache .mypy_cache .ruff_cache

@@ -74,6 +74,28 @@ def ct_entries(ct_dir: Path) -> Iterator[tuple[str, torch.Tensor] | PackedLinear
         raise RuntimeError(f"incomplete quantized tensors for {sorted(parts)[:3]}")
 
 
+class Shards:
+    """A checkpoint folder's tensors by name; each is read from its shard when asked for."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.where: dict[str, Path] = {}
+        for shard in sorted(folder.glob("*.safetensors")):
+            with safe_open(str(shard), "pt") as f:
+                for key in f.keys():  # noqa: SIM118 - safe_open handles are not mappings
+                    self.where[key] = shard
+        if not self.where:
+            raise FileNotFoundError(f"{folder} holds no .safetensors files")
+
+    def get(self, name: str) -> torch.Tensor:
+        with safe_open(str(self.where[name]), "pt") as f:
+            tensor: torch.Tensor = f.get_tensor(name)
+        return tensor
+
+    def under(self, prefix: str) -> Iterator[str]:
+        return (k for k in self.where if k.startswith(prefix))
+
+
 def read_tensors(folder: Path) -> dict[str, torch.Tensor]:
     """All tensors of a folder's safetensors shards."""
     out = {}
@@ -179,7 +201,7 @@ def check_repack(ct_dir: Path, gemm_dir: Path, spec: ArchSpec) -> int:
 
     from quantize import gemm
 
-    written = read_tensors(gemm_dir)
+    written = Shards(gemm_dir)  # one tensor at a time: the output may be larger than memory
     checked = 0
     for layer in ct_entries(ct_dir):
         if not isinstance(layer, PackedLinear):
@@ -187,7 +209,8 @@ def check_repack(ct_dir: Path, gemm_dir: Path, spec: ArchSpec) -> int:
         scale = layer.scale
         q, z = gemm.ct_integers(layer.packed, layer.zero_point, layer.shape, scale.shape[1])
         name = spec.original_name(layer.name)
-        qweight, qzeros, scales = (written[f"{name}.{s}"] for s in ("qweight", "qzeros", "scales"))
+        qweight, qzeros, scales = (written.get(f"{name}.{s}") for s in ("qweight", "qzeros",
+                                                                           "scales"))
         if not torch.equal(gemm.unpack_gemm(qweight).t(), q.to(torch.int32) + 8):
             raise RepackError(f"{name}: repacked weights differ from llm-compressor's")
         if not torch.equal(gemm.unpack_gemm(qzeros).t(), z.to(torch.int32) + 8):

@@ -19,12 +19,12 @@ from __future__ import annotations
 import copy
 import json
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
+from quantize.checkpoint import Shards
 from quantize.gemm import dequantize
 
 # A per-layer hook on each (name, weight) of a linear layer: RTN fake-quantization, say.
@@ -33,28 +33,6 @@ _EXPERT = re.compile(r"^(?:block_sparse_moe|mlp)\.experts\.(\d+)\.(w1|w2|w3|gate
                      r"down_proj)\.weight$")
 _UP = {"w1": "gate", "gate_proj": "gate", "w3": "up", "up_proj": "up", "w2": "down",
        "down_proj": "down"}
-
-
-class Shards:
-    """A checkpoint folder's tensors by name; each is read from its shard when asked for."""
-
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
-        self.where: dict[str, Path] = {}
-        for shard in sorted(folder.glob("*.safetensors")):
-            with safe_open(str(shard), "pt") as f:
-                for key in f.keys():  # noqa: SIM118 - safe_open handles are not mappings
-                    self.where[key] = shard
-        if not self.where:
-            raise FileNotFoundError(f"{folder} holds no .safetensors files")
-
-    def get(self, name: str) -> torch.Tensor:
-        with safe_open(str(self.where[name]), "pt") as f:
-            tensor: torch.Tensor = f.get_tensor(name)
-        return tensor
-
-    def under(self, prefix: str) -> Iterator[str]:
-        return (k for k in self.where if k.startswith(prefix))
 
 
 def layer_tensors(shards: Shards, index: int, dtype: torch.dtype = torch.float32,

@@ -73,6 +73,13 @@ def check(model: Path, out: Path, *, fmt: str, group_size: int, num_samples: int
         raise QuantizeError("--num-samples must be >= 1 and --seq-len >= 2")
     if calib is not None and not calib.is_file():
         raise QuantizeError(f"--calib {calib}: no such file")
+    config = json.loads((model / "config.json").read_text())
+    spec = mappings.for_config(config)
+    # Every quantized layer reads hidden_size or intermediate_size inputs; groups must tile them.
+    widths = {config.get("hidden_size"), config.get("intermediate_size")} - {None}
+    if group_size < 8 or any(int(w) % group_size for w in widths):
+        raise QuantizeError(f"--group-size {group_size} must divide the layer widths "
+                            f"{sorted(widths)}; 128 (the default) fits Llama, Mistral and Mixtral")
     src, dst = model.resolve(), out.resolve()
     if _same_or_nested(src, dst):
         where = ("the model folder" if src == dst else "inside the model folder"
@@ -88,13 +95,6 @@ def check(model: Path, out: Path, *, fmt: str, group_size: int, num_samples: int
     if not list(model.glob("*.safetensors")):
         raise QuantizeError(f"{model} has no .safetensors weights: save the model with "
                             "safe_serialization (transformers' default) first")
-    config = json.loads((model / "config.json").read_text())
-    spec = mappings.for_config(config)
-    # Every quantized layer reads hidden_size or intermediate_size inputs; groups must tile them.
-    widths = {config.get("hidden_size"), config.get("intermediate_size")} - {None}
-    if group_size < 8 or any(int(w) % group_size for w in widths):
-        raise QuantizeError(f"--group-size {group_size} must divide the layer widths "
-                            f"{sorted(widths)}; 128 (the default) fits Llama, Mistral and Mixtral")
     model_bytes, out_bytes = _tensor_sizes(model)
     parent = dst.parent
     try:
@@ -104,12 +104,16 @@ def check(model: Path, out: Path, *, fmt: str, group_size: int, num_samples: int
     except OSError as exc:
         raise QuantizeError(f"cannot write into {parent} ({exc.strerror}): choose an output "
                             "folder you can write to") from None
-    # The run writes llm-compressor's files and the GEMM files beside each other, then renames.
-    need = 2 * out_bytes
+    # Beside OUT, in the run's work and resume folders: the model offloaded to disk (AWQ rewrites
+    # every weight it smooths; a MoE also keeps its fused experts there), each finished layer
+    # and the activations for resuming, and the output twice (llm-compressor's files and the
+    # GEMM files) before the rename.
+    acts = 2 * num_samples * seq_len * int(config.get("hidden_size", 0)) * 2
+    need = model_bytes * (2 if spec.is_moe else 1) + model_bytes + acts + 2 * out_bytes
     free = shutil.disk_usage(parent).free
     if free < need * 1.1:
         raise QuantizeError(f"{parent} has {free / 2**30:.1f} GiB free; the run needs about "
-                            f"{need * 1.1 / 2**30:.1f} GiB there (its output, {out_bytes / 2**30:.1f}"
-                            " GiB, is written twice before the rename): free some space or "
-                            "choose another --out")
+                            f"{need * 1.1 / 2**30:.1f} GiB there for the offloaded model, the "
+                            f"resume state and the output ({out_bytes / 2**30:.1f} GiB, written "
+                            "twice before the rename): free some space or choose another --out")
     return Plan(spec, config, model_bytes, out_bytes)

@@ -13,9 +13,12 @@ few held-out sequences, read back from the files, must agree with the original's
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import os
 import resource
 import shutil
 import signal
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -23,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from quantize import calibration, checkpoint, compat, preflight, verify
+from quantize import calibration, checkpoint, compat, pipeline, preflight, verify
 from quantize.mappings import ArchSpec
 from quantize.preflight import FORMATS, QuantizeError
 
@@ -41,7 +44,7 @@ class Options:
     seq_len: int = 512
     group_size: int = 128
     overwrite: bool = False
-    max_shard_gb: float = 4.0
+    max_shard_gb: float = 1.0  # a shard is held in memory while it is written
 
 
 @dataclass
@@ -73,17 +76,34 @@ def recipe(spec: ArchSpec, method: str, group_size: int) -> list[Any]:
     return [AWQModifier(mappings=spec.awq_mappings()), quant]
 
 
-def load_model(model_dir: Path, spec: ArchSpec) -> Any:
+def load_model(model_dir: Path, spec: ArchSpec, offload: Path) -> Any:
+    """The model offloaded to disk: its weights stay in the safetensors shards (or, once AWQ
+    changed them, in `offload`), and llm-compressor's pipeline onloads one layer at a time."""
+    from compressed_tensors.offload import load_offloaded_model
     from transformers import AutoModelForCausalLM
 
-    if spec.is_moe:
-        # Fused expert tensors (transformers 5) become one Linear per expert, so every expert
-        # is calibrated and quantized on its own.
-        from llmcompressor.modeling.moe.linearize import load_quantizable_moe
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(load_offloaded_model())
+        if spec.is_moe:
+            # Fused expert tensors (transformers 5) become one Linear per expert, so every
+            # expert is calibrated and quantized on its own.
+            from llmcompressor.modeling.moe.linearize import load_quantizable_moe
 
-        with load_quantizable_moe():
-            return AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto")
-    return AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto")
+            stack.enter_context(load_quantizable_moe())
+        # device_map {"": "disk"}, not "auto_offload": that keeps in RAM whatever fits.
+        return AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto",
+                                                    device_map={"": "disk"},
+                                                    offload_folder=str(offload))
+
+
+def fingerprint(opts: Options) -> dict[str, Any]:
+    """What a resumed run must share with the interrupted one."""
+    def digest(path: Path | None) -> str | None:
+        return hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path else None
+
+    return {"model": str(opts.model.resolve()), "config": digest(opts.model / "config.json"),
+            "calib": digest(opts.calib), "method": opts.method, "group_size": opts.group_size,
+            "num_samples": opts.num_samples, "seq_len": opts.seq_len}
 
 
 def _peaks() -> tuple[float, float | None]:
@@ -116,64 +136,109 @@ def quantize(opts: Options) -> Result:
     plan = preflight.check(opts.model, opts.out, fmt=opts.format, group_size=opts.group_size,
                            num_samples=opts.num_samples, seq_len=opts.seq_len, calib=opts.calib,
                            overwrite=opts.overwrite)
-    spec = plan.spec
     start = time.monotonic()
+    resume = pipeline.Resume(opts.out.parent / f"{opts.out.name}.resume", fingerprint(opts))
+    try:
+        resume.done()
+    except ValueError as exc:
+        raise QuantizeError(str(exc)) from None
     with _terminable():
-        compat.patch_for_cpu()
-        from llmcompressor import oneshot
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(opts.model)
-        calib = calibration.load(tok, opts.model, opts.calib, opts.num_samples, opts.seq_len)
-        template = calibration.template_source(tok, opts.model)
-        model = load_model(opts.model, spec)
-        # moe_calibrate_all_experts (llm-compressor's default) sends every calibration token
-        # through every expert, so an expert the router rarely picks still gets statistics.
-        oneshot(model=model, dataset=calib.dataset(),
-                recipe=recipe(spec, opts.method, opts.group_size),
-                num_calibration_samples=len(calib.samples), max_seq_length=opts.seq_len)
+        _remove_stale_work(opts.out)
         work = Path(tempfile.mkdtemp(prefix=f".{opts.out.name}.partial-", dir=opts.out.parent))
+        (work / "pid").write_text(str(os.getpid()))
         try:
-            ct_dir = work / "compressed-tensors"
-            model.save_pretrained(ct_dir, save_compressed=True)
-            del model
-            gemm_dir = work / "awq-gemm"
-            gemm_dir.mkdir()
-            from tqdm import tqdm
-
-            layers = int(plan.config["num_hidden_layers"])
-            with tqdm(total=layers, desc="Repacking to AWQ GEMM", unit="layer") as bar:
-                report = checkpoint.write_gemm(ct_dir, gemm_dir, spec, opts.group_size,
-                                               int(opts.max_shard_gb * 2**30), bar)
-            checkpoint.check_repack(ct_dir, gemm_dir, spec)
-            checkpoint.copy_tokenizer(opts.model, gemm_dir, template)
-            try:
-                kl, top1 = verify.quick_agreement(gemm_dir, opts.model, tok)
-            except (KeyError, RuntimeError) as exc:  # a tensor under a name no reader maps
-                raise QuantizeError(f"the written checkpoint does not read back as a "
-                                    f"{spec.architecture} ({exc}); it was not published") from exc
-            if kl > verify.MAX_MEAN_KL:
-                raise QuantizeError(
-                    f"the written checkpoint is far from the original: mean KL {kl:.3f} nats "
-                    f"(limit {verify.MAX_MEAN_KL}), top-1 agreement {top1:.1%} on "
-                    f"{verify.GATE_SEQUENCES} held-out sequences; it was not published. A "
-                    "misread layer does this: check that the model loads in transformers and "
-                    "report its tensor names")
-            stage = gemm_dir
-            if opts.format == "compressed-tensors":
-                stage = ct_dir
-                checkpoint.copy_tokenizer(opts.model, stage, template)
-            rss, gpu = _peaks()
-            result = Result(opts.out, spec, calib, time.monotonic() - start, rss, gpu,
-                            compat.device_name(), checkpoint.dir_size(stage), kl, top1,
-                            report if opts.format == "awq-gemm" else None)
-            from quantize.card import write_card
-
-            write_card(stage, opts, result)
-            result.size_bytes = checkpoint.dir_size(stage)
-            _publish(stage, opts.out)
+            result = _run(opts, plan, resume, work, start)
+        except BaseException:
+            if (resume.folder / pipeline.PROGRESS).is_file():
+                print(f"moegi-quantize: {resume.done()} quantized layer(s) of this run are kept "
+                      f"in {resume.folder}: the same command goes on from there (delete that "
+                      "folder to start over)", file=sys.stderr)
+            raise
         finally:
             shutil.rmtree(work, ignore_errors=True)
+    shutil.rmtree(resume.folder, ignore_errors=True)
+    return result
+
+
+def _remove_stale_work(out: Path) -> None:
+    """Work folders a killed run left beside OUT (SIGKILL runs no cleanup); a folder whose
+    process still runs is another run's, and stays."""
+    for folder in out.parent.glob(f".{out.name}.partial-*"):
+        pid = folder / "pid"
+        alive = False
+        with contextlib.suppress(ValueError, OSError):
+            os.kill(int(pid.read_text()), 0)
+            alive = True
+        if not alive:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _run(opts: Options, plan: preflight.Plan, resume: pipeline.Resume, work: Path,
+         start: float) -> Result:
+    spec = plan.spec
+    compat.patch_for_cpu()
+    pipeline.register()
+    from llmcompressor import oneshot
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(opts.model)
+    calib = calibration.load(tok, opts.model, opts.calib, opts.num_samples, opts.seq_len)
+    template = calibration.template_source(tok, opts.model)
+    model = load_model(opts.model, spec, work / "offload")
+    # AWQ and the weight quantization share one layer-by-layer pass that can resume
+    # (pipeline.py); round-to-nearest needs no data. Calibration rows keep their order, so a
+    # run is reproducible (llm-compressor shuffles them with an unseeded sampler by default).
+    # moe_calibrate_all_experts (llm-compressor's default) sends every calibration token
+    # through every expert, so an expert the router rarely picks still gets statistics.
+    pipeline.ACTIVE = resume
+    try:
+        oneshot(model=model, dataset=calib.dataset(),
+                recipe=recipe(spec, opts.method, opts.group_size),
+                num_calibration_samples=len(calib.samples), max_seq_length=opts.seq_len,
+                shuffle_calibration_samples=False,
+                pipeline="moegi_resumable" if opts.method == "awq" else None)
+    finally:
+        pipeline.ACTIVE = None
+    ct_dir = work / "compressed-tensors"
+    # Small shards: transformers holds a whole shard in memory while it writes it.
+    model.save_pretrained(ct_dir, save_compressed=True, max_shard_size="1GB")
+    del model
+    shutil.rmtree(work / "offload", ignore_errors=True)
+    gemm_dir = work / "awq-gemm"
+    gemm_dir.mkdir()
+    from tqdm import tqdm
+
+    layers = int(plan.config["num_hidden_layers"])
+    with tqdm(total=layers, desc="Repacking to AWQ GEMM", unit="layer") as bar:
+        report = checkpoint.write_gemm(ct_dir, gemm_dir, spec, opts.group_size,
+                                       int(opts.max_shard_gb * 2**30), bar)
+    checkpoint.check_repack(ct_dir, gemm_dir, spec)
+    checkpoint.copy_tokenizer(opts.model, gemm_dir, template)
+    try:
+        kl, top1 = verify.quick_agreement(gemm_dir, opts.model, tok)
+    except (KeyError, RuntimeError) as exc:  # a tensor under a name no reader maps
+        raise QuantizeError(f"the written checkpoint does not read back as a "
+                            f"{spec.architecture} ({exc}); it was not published") from exc
+    if kl > verify.MAX_MEAN_KL:
+        raise QuantizeError(
+            f"the written checkpoint is far from the original: mean KL {kl:.3f} nats "
+            f"(limit {verify.MAX_MEAN_KL}), top-1 agreement {top1:.1%} on "
+            f"{verify.GATE_SEQUENCES} held-out sequences; it was not published. A "
+            "misread layer does this: check that the model loads in transformers and "
+            "report its tensor names")
+    stage = gemm_dir
+    if opts.format == "compressed-tensors":
+        stage = ct_dir
+        checkpoint.copy_tokenizer(opts.model, stage, template)
+    rss, gpu = _peaks()
+    result = Result(opts.out, spec, calib, time.monotonic() - start, rss, gpu,
+                    compat.device_name(), checkpoint.dir_size(stage), kl, top1,
+                    report if opts.format == "awq-gemm" else None)
+    from quantize.card import write_card
+
+    write_card(stage, opts, result)
+    result.size_bytes = checkpoint.dir_size(stage)
+    _publish(stage, opts.out)
     return result
 
 

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-import torch
 
 from serve.tiny.build import ensure_model
 from tests.integration.conftest import Server
@@ -65,8 +64,9 @@ def _greedy(server: Server, prompt_ids: list[int], n: int) -> list[int]:
 
 
 def test_greedy_tokens_agree_with_the_reference_forward(chat_server: Server) -> None:
-    """vLLM (fp16, moegi's CPU experts) vs quantize.verify's reference forward (the checkpoint's
-    files dequantized into a float32 transformers model), on prompts the model never saw.
+    """vLLM (fp16, moegi's CPU experts) vs the reference forward `verify` uses (the checkpoint's
+    files dequantized into transformers' float32 modules, layer by layer), on prompts the model
+    never saw.
 
     Teacher-forced on vLLM's own tokens: at every generated position the reference's top-1
     token must be vLLM's. 100% means the greedy sequences are identical.
@@ -74,18 +74,17 @@ def test_greedy_tokens_agree_with_the_reference_forward(chat_server: Server) -> 
     from transformers import AutoTokenizer
 
     from quantize.calibration import heldout_texts
-    from quantize.verify import load_reference
+    from quantize.layerwise import LayerwiseLM
 
     ckpt = ensure_model("tiny-chat")
     tok = AutoTokenizer.from_pretrained(ckpt)
-    reference = load_reference(Path(ckpt))
+    reference = LayerwiseLM(Path(ckpt))
     agree = total = 0
     for text in [*heldout_texts(), *UNSEEN]:
         for cut in (8, 20):
             prompt = tok.encode(text)[:cut]
             generated = _greedy(chat_server, prompt, 24)
-            with torch.no_grad():
-                logits = reference(input_ids=torch.tensor([prompt + generated[:-1]])).logits[0]
+            logits = reference.logits([prompt + generated[:-1]])[0]
             predicted = logits[len(prompt) - 1 :].argmax(-1).tolist()
             agree += sum(p == g for p, g in zip(predicted, generated, strict=True))
             total += len(generated)

@@ -116,10 +116,19 @@ def tuned_merge_awq(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any
     return out, json.loads((out / "config.json").read_text())
 
 
-def test_the_tuned_merge_passes_verify(tuned_merge_awq: tuple[Path, Any], capsys: Any) -> None:
+def test_the_tuned_merge_passes_verify(tuned_merge_awq: tuple[Path, Any], capsys: Any,
+                                       tmp_path: Path) -> None:
+    """On the conversations it was tuned on: a memorising chat model is unsure of general
+    text, where top-1 agreement measures noise rather than the quantization."""
     out, config = tuned_merge_awq
     vllm_layout_ok(out, config["num_hidden_layers"], config["num_local_experts"])
-    report = verify.verify(out, ensure_model("tiny-chat-moe"))
+    from serve.tiny.train import PAIRS
+
+    eval_file = tmp_path / "dialogues.jsonl"
+    eval_file.write_text("".join(json.dumps({"text": f"### 指示:\n{q}\n### 応答:\n{a}"},
+                                            ensure_ascii=False) + "\n" for q, a in PAIRS),
+                         encoding="utf-8")
+    report = verify.verify(out, ensure_model("tiny-chat-moe"), eval_file)
     with capsys.disabled():
         print("\ntiny-chat-moe (mergekit-moe merge, tuned):\n" + report.table())
     assert report.kl <= verify.MAX_MEAN_KL and report.top1 >= verify.MIN_TOP1

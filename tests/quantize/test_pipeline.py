@@ -122,7 +122,9 @@ def test_interrupted_run_leaves_nothing(tmp_path: Path, monkeypatch: pytest.Monk
     monkeypatch.setattr(card, "write_card", boom)
     with pytest.raises(KeyboardInterrupt):
         quantize(Options(ensure_model("tiny-llama"), tmp_path / "out", num_samples=4))
-    assert list(tmp_path.iterdir()) == []
+    # Nothing that looks like output; only the resume state, which the next run picks up.
+    assert [p.name for p in tmp_path.iterdir()] == ["out.resume"]
+    assert (tmp_path / "out.resume" / "progress.json").is_file()
 
 
 def test_compressed_tensors_format(tmp_path: Path) -> None:

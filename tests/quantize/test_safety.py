@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from quantize import checkpoint, run
 from quantize.cli import main as cli
@@ -148,4 +149,28 @@ def test_a_checkpoint_far_from_the_original_is_not_published(tmp_path: Path,
     monkeypatch.setattr(checkpoint, "check_repack", lambda *_: 1)  # let it reach the gate
     with pytest.raises(QuantizeError, match="not published"):
         quantize(Options(ensure_model("tiny-text"), tmp_path / "out", num_samples=8))
-    assert list(tmp_path.iterdir()) == []
+    assert [p.name for p in tmp_path.iterdir()] == ["out.resume"]  # no output, no partial
+
+
+def test_a_killed_run_resumes_where_it_stopped(tmp_path: Path) -> None:
+    """SIGKILL (no cleanup at all) after the first layer; the same command goes on from there,
+    and the result is bit for bit the uninterrupted run's."""
+    straight = tmp_path / "straight"
+    assert cli(["tiny-text", str(straight), "--num-samples", "8"]) == 0
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "quantize", "tiny-text", str(out), "--num-samples", "8"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    progress = tmp_path / "out.resume" / "progress.json"
+    deadline = time.monotonic() + 300
+    while not progress.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    proc.kill()
+    proc.wait()
+    assert progress.exists() and not out.exists(), "the run was not killed mid-way"
+    again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "resuming at layer" in again.stdout
+    assert not (tmp_path / "out.resume").exists()  # done: the resume state is gone
+    assert not list(tmp_path.glob(".out.partial-*"))  # and so is the killed run's work folder
+    a, b = checkpoint.read_tensors(straight), checkpoint.read_tensors(out)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
