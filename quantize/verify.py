@@ -110,8 +110,10 @@ class Report:
             cells = [f"{p[g]:.3f}" if g in p else "-" for g in ("ja", "en", "all")]
             rows.append(f"| {label} | " + " | ".join(cells) + " |")
         rows.append("")
+        base, awq = self.ppl["original"]["all"], self.ppl["awq"]["all"]
         rows.append(f"AWQ avoids {self.recovered():.0%} of round-to-nearest's perplexity increase "
-                    "(the AWQ paper's Llama-2-7B figure is about 50%).")
+                    "(the AWQ paper's Llama-2-7B figure is about 50%)." if awq > base else
+                    "AWQ's perplexity is at or below the original's on this text (within noise).")
         rows.append(f"Checkpoint vs original: mean KL {self.kl:.4f} nats, "
                     f"top-1 agreement {self.top1:.1%} (limits {MAX_MEAN_KL}, {MIN_TOP1:.0%}).")
         return "\n".join(rows)

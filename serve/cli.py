@@ -13,6 +13,7 @@ import asyncio
 import logging
 import os
 import sys
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -120,4 +121,14 @@ def main(argv: list[str] | None = None) -> None:
         check_before_load(settings)
     except ValueError as exc:
         raise SystemExit(f"moegi-serve: {exc}") from None
-    sys.exit(asyncio.run(_serve(settings)))
+    sys.exit(_run(_serve(settings)))
+
+
+def _run(main_coroutine: Coroutine[Any, Any, int]) -> int:
+    """Run on uvloop where it is installed (vLLM brings it): its socket writes are C, and a
+    stream's writes are most of the front end's CPU time; else on asyncio's own loop."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main_coroutine)
+    return uvloop.run(main_coroutine)

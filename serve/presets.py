@@ -56,5 +56,5 @@ def resolve(settings: Settings, tokenizer: Any, name: str, max_model_len: int) -
         preset=preset.name if preset else None,
         default_system=settings.default_system_prompt or (preset.system if preset else None),
         sentence_trim=trim, sampling_defaults=dict(preset.sampling) if preset else {},
-        limits=Limits.of(settings),
+        limits=Limits.of(settings), stream_interval_s=settings.stream_interval_ms / 1000,
     )

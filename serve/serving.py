@@ -46,6 +46,7 @@ class ServedModel:
     sentence_trim: bool = False  # server default for the sentence-safe length limit
     sampling_defaults: dict[str, Any] = field(default_factory=dict)  # the preset's
     limits: Limits = field(default_factory=Limits)
+    stream_interval_s: float = 0.0  # least time between a stream's chunks (config.py)
     created: int = field(default_factory=lambda: int(time.time()))
     _bytes: dict[int, bytes] = field(default_factory=dict, repr=False)
 
@@ -241,8 +242,13 @@ class Run:
         start = time.perf_counter()
         # A non-streamed run arrives in one piece at its end: it has no first-token time.
         first_token = self.spec.incremental
+        # Pacing: after each step, wait out the stream interval before asking for the next;
+        # vLLM merges the deltas that arrive meanwhile, so they leave in one chunk.
+        pace = model.stream_interval_s if self.spec.incremental else 0.0
+        loop = asyncio.get_running_loop()
         try:
             async for step in self.engine.generate(self.prompt_ids, self.spec, self.request_id):
+                stepped = loop.time()
                 usage.prompt_tokens = step.num_prompt_tokens
                 if step.prompt_logprobs is not None:
                     self.prompt_logprobs = step.prompt_logprobs
@@ -269,6 +275,8 @@ class Run:
                     events.append(ChoiceEvent(c.index, out.text, out.tokens if self._tracking
                                               else None, reason, stop_type, c.stop_reason))
                 yield events
+                if pace and (wait := stepped + pace - loop.time()) > 0:
+                    await asyncio.sleep(wait)
             finished = True
         finally:
             if usage.prompt_tokens:
