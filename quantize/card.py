@@ -25,6 +25,23 @@ def _size(n: int) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**28 else f"{n / 2**20:.2f} MiB"
 
 
+# What was run where (README: Loaders). A row says "not run" where no machine could run it.
+LOADERS_MOE = [
+    "| moegi on a CPU (vLLM + moegi's MoE plugin) | yes | served in moegi's tests; greedy tokens "
+    "equal the reference forward |",
+    "| vLLM `awq_marlin` / `awq` on CUDA (Marlin MoE) | the AutoAWQ GEMM layout it reads | not run: "
+    "no GPU |",
+    "| TGI | the AutoAWQ GEMM layout it reads | not run: no GPU |",
+    "| transformers 5 (+ gptqmodel) | no: the experts load as missing weights | tried by hand |",
+]
+LOADERS_DENSE = [
+    "| moegi / vLLM on a CPU (`CPUWNA16LinearKernel`) | yes | served in moegi's tests |",
+    "| vLLM `awq_marlin` / `awq` on CUDA | the AutoAWQ GEMM layout it reads | not run: no GPU |",
+    "| TGI | the AutoAWQ GEMM layout it reads | not run: no GPU |",
+    "| transformers 5 + gptqmodel | yes | loaded and matched by hand |",
+]
+
+
 def render_card(opts: Any, result: Any) -> str:
     name = opts.out.name
     base = opts.model.name
@@ -58,6 +75,9 @@ def render_card(opts: Any, result: Any) -> str:
         f"| Size on disk | {_size(result.size_bytes)} |",
         f"| Quantized on | {result.device}, {result.seconds:.0f} s, peak RSS "
         f"{result.peak_rss_gb:.1f} GiB |",
+        f"| Checked before publishing | mean KL {result.gate_kl:.4f} nats, top-1 agreement "
+        f"{result.gate_top1:.1%} against the original on held-out text, read back from these "
+        "files |",
         "",
         "Every expert of a MoE model is calibrated on every calibration token "
         "(`moe_calibrate_all_experts`), and the router is compensated together with the experts "
@@ -71,9 +91,19 @@ def render_card(opts: Any, result: Any) -> str:
          "No chat template: the original tokenizer has none and no moegi preset matches the "
          "model's name. Serve it with `--chat-template NAME` (or `--preset NAME`) to choose one."),
         "",
+        "## Loaders",
+        "",
+        "What reads this checkpoint, and what moegi checked (its test suite runs on a CPU; no "
+        "GPU, TGI or Docker engine was available there):",
+        "",
+        "| Loader | Reads it | Checked |",
+        "|---|---|---|",
+        *(LOADERS_MOE if spec.is_moe else LOADERS_DENSE),
+        "",
         "## Run it",
         "",
-        "moegi (OpenAI-compatible API, EOS truncation, Japanese-safe streaming):",
+        "moegi (OpenAI-compatible API, EOS truncation, Japanese-safe streaming; on a CPU its vLLM "
+        "plugin runs 4-bit MoE experts):",
         "",
         "```sh",
         f"moegi-serve --model ./{name} --quantization {quant_method}",
@@ -93,13 +123,15 @@ def render_card(opts: Any, result: Any) -> str:
         "# TGI reads the AutoAWQ GEMM format: quantize again with --format awq-gemm",
         "```",
         "",
-        "transformers (on a GPU, with an AWQ kernel package installed):",
-        "",
-        "```python",
-        "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        f'model = AutoModelForCausalLM.from_pretrained("./{name}", device_map="cuda")',
-        f'tokenizer = AutoTokenizer.from_pretrained("./{name}")',
-        "```",
+        *(["transformers: not for this MoE checkpoint (transformers 5 loads AWQ Mixtral experts as "
+           "missing weights); use vLLM or moegi."] if spec.is_moe else [
+            "transformers 5, through the `gptqmodel` package (`pip install gptqmodel`):",
+            "",
+            "```python",
+            "from transformers import AutoModelForCausalLM, AutoTokenizer",
+            f'model = AutoModelForCausalLM.from_pretrained("./{name}", device_map="auto")',
+            f'tokenizer = AutoTokenizer.from_pretrained("./{name}")',
+            "```"]),
         "",
         "## Check it",
         "",

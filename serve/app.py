@@ -186,6 +186,15 @@ async def _respond(state: AppState, request: Request, route: str,
             state.admission.release(state.model_name)
 
 
+async def _generate(state: AppState, request: Request, req: Any,
+                    serve: Callable[[Engine, ServedModel, Any], Awaitable[Result]]) -> Response:
+    """A generation route: the preset's defaults in the fields the request left unset
+    (validated again), then the serving call under an engine slot."""
+    engine, model = state.ready()
+    req = req.with_defaults(model.sampling_defaults)
+    return await _respond(state, request, request.scope["path"], lambda: serve(engine, model, req))
+
+
 def create_app(state: AppState) -> FastAPI:
     app = FastAPI(title="moegi", version=_version("moegi") or "dev",
                   description="OpenAI-compatible server for merged Japanese LLMs on vLLM.")
@@ -237,24 +246,15 @@ def create_app(state: AppState) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatCompletionRequest, request: Request) -> Response:
-        engine, model = state.ready()
-        req = req.with_defaults(model.sampling_defaults)
-        return await _respond(state, request, "/v1/chat/completions",
-                              lambda: chat_completion(engine, model, req))
+        return await _generate(state, request, req, chat_completion)
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request) -> Response:
-        engine, model = state.ready()
-        req = req.with_defaults(model.sampling_defaults)
-        return await _respond(state, request, "/v1/completions",
-                              lambda: completion(engine, model, req))
+        return await _generate(state, request, req, completion)
 
     @app.post("/v1/responses")
     async def responses(req: ResponsesRequest, request: Request) -> Response:
-        engine, model = state.ready()
-        req = req.with_defaults(model.sampling_defaults)
-        return await _respond(state, request, "/v1/responses",
-                              lambda: create_response(engine, model, req))
+        return await _generate(state, request, req, create_response)
 
     @app.post("/tokenize")
     async def tokenize_route(req: TokenizeRequest) -> dict[str, Any]:

@@ -85,7 +85,7 @@ async def _serve(settings: Settings) -> int:
     serving = asyncio.create_task(server.serve())
     try:
         # vLLM labels its metrics with this name, so dashboards filter both families alike.
-        engine = await asyncio.to_thread(VllmEngine, settings.engine_args(), served_name(settings))
+        engine = await asyncio.to_thread(VllmEngine, settings.vllm_args(), served_name(settings))
         loaded.append(engine)
         state.model = load_model(settings, engine.max_model_len)
         metrics.set_model_info(state.model)

@@ -6,11 +6,13 @@ model loads: `MOEGI_EOS_TRUNCATION=flase` or `--port 80a` is an error that names
 and so is an unknown chat template, preset, or vLLM engine option (`check_before_load`).
 
 The engine fields keep vLLM's `AsyncEngineArgs` names; any other engine option goes through
-`--engine-arg NAME=VALUE` (repeatable, checked against vLLM's own list before loading).
+`--engine-args` (a JSON object, or NAME=VALUE repeated), checked against vLLM's own list before
+the model loads.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from dataclasses import dataclass
@@ -18,7 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
-from pydantic_settings import BaseSettings, CliApp, SettingsConfigDict
+from pydantic_settings import BaseSettings, CliApp, SettingsConfigDict, SettingsError
 
 # Fields that go to vLLM's AsyncEngineArgs under the same name.
 ENGINE_FIELDS = ("model", "tokenizer", "dtype", "max_model_len", "tensor_parallel_size",
@@ -86,8 +88,8 @@ class Settings(BaseSettings):
     stream_interval_ms: float = Field(
         20.0, ge=0, description="Least time between two chunks of one stream: tokens that come "
         "sooner travel together in the next chunk (one socket write instead of several: writes "
-        "are most of the front end's CPU under load). The first chunk is never held. 0: a chunk "
-        "per engine step.")
+        "are most of the front end's CPU under load). Applies while two or more streams are "
+        "open; the first chunk is never held. 0: a chunk per engine step.")
     engine_stall_s: float = Field(
         60.0, gt=0, description="An engine that produces nothing this long while it has "
         "requests is hung: /health answers 503.")
@@ -117,9 +119,10 @@ class Settings(BaseSettings):
     max_logprobs: int = Field(20, ge=0, description="Most top_logprobs / logprobs a request may "
                               "ask for.")
     trust_remote_code: bool = Field(False, description="Allow the model folder's own Python code.")
-    engine_arg: list[str] = Field(
-        default_factory=list, description="Any other vLLM engine option, as NAME=VALUE "
-        "(repeatable; VALUE is JSON or a string), e.g. --engine-arg kv_cache_dtype=fp8.")
+    engine_args: dict[str, Any] = Field(
+        default_factory=dict, description="Any other vLLM engine option (AsyncEngineArgs "
+        "names): a JSON object, or NAME=VALUE repeated (VALUE read as JSON where it is), e.g. "
+        "--engine-args kv_cache_dtype=fp8 --engine-args max_num_batched_tokens=4096.")
 
     @field_validator("api_key")
     @classmethod
@@ -133,29 +136,25 @@ class Settings(BaseSettings):
                                  "sends: remove it")
         return v
 
-    @field_validator("engine_arg")
+    @field_validator("engine_args")
     @classmethod
-    def _engine_args(cls, v: list[str]) -> list[str]:
-        for item in v:
-            if "=" not in item or not item.split("=", 1)[0].strip():
-                raise ValueError(f"{item!r} is not NAME=VALUE")
-        return v
+    def _engine_args(cls, v: dict[str, Any]) -> dict[str, Any]:
+        """NAME=VALUE gives strings: "4" is the number 4, "true" is True, "fp8" stays text."""
+        out = {}
+        for name, value in v.items():
+            if isinstance(value, str):
+                with contextlib.suppress(json.JSONDecodeError):
+                    value = json.loads(value)
+            out[name.strip().replace("-", "_")] = value
+        return out
 
     def key(self) -> str | None:
         return self.api_key.get_secret_value() if self.api_key else None
 
-    def engine_args(self) -> dict[str, Any]:
+    def vllm_args(self) -> dict[str, Any]:
         """Keyword arguments for vLLM's AsyncEngineArgs."""
         args = {name: getattr(self, name) for name in ENGINE_FIELDS}
-        args = {k: v for k, v in args.items() if v is not None}
-        for item in self.engine_arg:
-            name, _, raw = item.partition("=")
-            try:
-                value = json.loads(raw)
-            except json.JSONDecodeError:
-                value = raw
-            args[name.strip().replace("-", "_")] = value
-        return args
+        return {**{k: v for k, v in args.items() if v is not None}, **self.engine_args}
 
 
 @dataclass(frozen=True)
@@ -198,10 +197,10 @@ def check_before_load(settings: Settings) -> None:
             if not Path(value).expanduser().exists():
                 raise ValueError(f"--{name} {value}: no such folder")
     known = _engine_arg_names()
-    unknown = sorted(set(settings.engine_args()) - known) if known else []
+    unknown = sorted(set(settings.vllm_args()) - known) if known else []
     if unknown:
         raise ValueError(f"unknown vLLM engine option(s) {', '.join(unknown)}: see vLLM's "
-                         "AsyncEngineArgs for the names --engine-arg takes")
+                         "AsyncEngineArgs for the names --engine-args takes")
 
 
 def _engine_arg_names() -> set[str]:
@@ -218,6 +217,8 @@ def parse(argv: list[str] | None = None) -> Settings:
     """Flags and environment -> Settings; a bad value exits 2 with the setting's name."""
     try:
         return CliApp.run(Settings, cli_args=sys.argv[1:] if argv is None else argv)
+    except SettingsError as exc:
+        raise SystemExit(f"moegi-serve: invalid settings: {exc} ({exc.__cause__})") from None
     except ValidationError as exc:
         lines = []
         for err in exc.errors():

@@ -224,6 +224,8 @@ class Run:
     Abandoning the iteration (client gone, task cancelled) aborts the engine request.
     """
 
+    streams = 0  # streamed runs in progress in this process (pacing applies to two or more)
+
     def __init__(self, engine: Engine, model: ServedModel, prompt_ids: list[int],
                  spec: SamplingSpec, request_id: str, gating: Gating) -> None:
         self.engine, self.model, self.prompt_ids, self.spec = engine, model, prompt_ids, spec
@@ -243,9 +245,12 @@ class Run:
         # A non-streamed run arrives in one piece at its end: it has no first-token time.
         first_token = self.spec.incremental
         # Pacing: after each step, wait out the stream interval before asking for the next;
-        # vLLM merges the deltas that arrive meanwhile, so they leave in one chunk.
+        # vLLM merges the deltas that arrive meanwhile, so they leave in one chunk. It saves
+        # socket writes when there are many streams to write; a stream alone is not paced, as
+        # the wait can hold its last chunk back by up to one interval.
         pace = model.stream_interval_s if self.spec.incremental else 0.0
         loop = asyncio.get_running_loop()
+        Run.streams += self.spec.incremental
         try:
             async for step in self.engine.generate(self.prompt_ids, self.spec, self.request_id):
                 stepped = loop.time()
@@ -275,10 +280,11 @@ class Run:
                     events.append(ChoiceEvent(c.index, out.text, out.tokens if self._tracking
                                               else None, reason, stop_type, c.stop_reason))
                 yield events
-                if pace and (wait := stepped + pace - loop.time()) > 0:
+                if pace and Run.streams > 1 and (wait := stepped + pace - loop.time()) > 0:
                     await asyncio.sleep(wait)
             finished = True
         finally:
+            Run.streams -= self.spec.incremental
             if usage.prompt_tokens:
                 metrics.observe_usage(model.name, usage.prompt_tokens, usage.completion_tokens)
             if not finished:

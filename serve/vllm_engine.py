@@ -50,6 +50,7 @@ class VllmEngine:
     def __init__(self, engine_args: dict[str, Any], served_model_name: str | None = None) -> None:
         # Imported here so that importing this module (for --help, say) stays cheap.
         import psutil
+        from prometheus_client import REGISTRY
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
@@ -63,6 +64,8 @@ class VllmEngine:
         # vLLM's engine core and workers; the multiprocessing resource tracker is not ours.
         self._procs = [p for p in psutil.Process().children(recursive=True)
                        if "resource_tracker" not in " ".join(_cmdline(p))]
+        self._counters = REGISTRY.restricted_registry(
+            ["vllm:prompt_tokens_total", "vllm:generation_tokens_total"])
 
     def _params(self, spec: SamplingSpec) -> Any:
         from vllm.sampling_params import RequestOutputKind, SamplingParams, StructuredOutputsParams
@@ -96,6 +99,7 @@ class VllmEngine:
             include_stop_str_in_output=True,
             output_kind=RequestOutputKind.DELTA if spec.incremental
             else RequestOutputKind.FINAL_ONLY,
+            skip_clone=True,  # made for this one request: vLLM's deep copy (4% of CPU) is waste
         )
 
     async def generate(
@@ -152,12 +156,11 @@ class VllmEngine:
 
     def progress(self) -> float:
         """Tokens vLLM has processed: its own `vllm:prompt_tokens` and `vllm:generation_tokens`
-        counters (the engine updates them every step, streamed requests or not)."""
-        from prometheus_client import REGISTRY
-
+        counters (the engine updates them every step, streamed requests or not). Read through a
+        restricted registry: collecting the whole registry (process stats, every histogram) on
+        each idle-to-busy request cost 7% of the front end's CPU under load."""
         names = {"vllm:prompt_tokens_total", "vllm:generation_tokens_total"}
-        return sum(sample.value for metric in REGISTRY.collect()
-                   if metric.name in ("vllm:prompt_tokens", "vllm:generation_tokens")
+        return sum(sample.value for metric in self._counters.collect()
                    for sample in metric.samples if sample.name in names)
 
     def shutdown(self) -> None:
@@ -167,7 +170,7 @@ class VllmEngine:
 def _structured_outputs_config(given: Any) -> Any:
     """vLLM's structured outputs on xgrammar with compact JSON (no free whitespace between
     tokens): small models otherwise loop on the whitespace the JSON grammar allows and never
-    close the object. `--engine-arg structured_outputs_config={...}` overrides it."""
+    close the object. `--engine-args '{"structured_outputs_config": {...}}'` overrides it."""
     from vllm.config import StructuredOutputsConfig
 
     if isinstance(given, StructuredOutputsConfig):

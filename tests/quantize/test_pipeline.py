@@ -77,8 +77,12 @@ def test_model_card(awq_dirs: dict[str, Any]) -> None:
     for needle in ("| Bits | 4 |", "| Group size | 128 |", "| Zero point | yes", "Calibration data",
                    "built-in moegi set", f"{len(result.calib.samples)} sequences",
                    "Size on disk", "moegi-serve --model", "vllm serve", "text-generation-inference",
-                   "AutoModelForCausalLM.from_pretrained", "routers (`gate`)"):
+                   "routers (`gate`)", "Checked before publishing", "## Loaders",
+                   "not for this MoE checkpoint", "not run: no GPU"):
         assert needle in text, needle
+    assert f"mean KL {result.gate_kl:.4f}" in text
+    dense = (awq_dirs["tiny-llama"][0] / "README.md").read_text()
+    assert "AutoModelForCausalLM.from_pretrained" in dense and "gptqmodel" in dense
     meta = json.loads((out / "moegi-quantize.json").read_text())
     assert meta["calibration_samples"] == 16 and meta["calibration_tokens"] > 100
 

@@ -182,3 +182,40 @@ def test_completions_batch_indices_and_schema(tokenizer: Any) -> None:
     assert sorted(c["index"] for c in body["choices"]) == [0, 1, 2, 3]
     assert all(c["finish_reason"] == "length" for c in body["choices"])
     assert body["choices"][0]["text"].startswith("a")
+
+
+def test_streams_are_paced_only_when_several_are_open(tokenizer: Any,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pacing holds a stream's next chunk for the rest of the interval; a stream alone is not
+    held (its last chunk would only come later), two or more open streams are."""
+    import asyncio
+
+    from serve.engine import SamplingSpec
+    from serve.serving import Gating, Run
+
+    interval = 0.05
+    model = make_model(tokenizer, stream_interval_s=interval)
+    real_sleep, waits = asyncio.sleep, []
+
+    async def sleep(delay: float, *args: Any) -> Any:
+        if delay > 0.01:  # not the fake engine's own step delay
+            waits.append(delay)
+        return await real_sleep(delay, *args)
+
+    monkeypatch.setattr(asyncio, "sleep", sleep)
+    gating = Gating((), False, False, (), False)
+
+    async def streams(k: int) -> list[str]:
+        engine = FakeEngine(delay=0.001)
+        runs = [Run(engine, model, [1, 2], SamplingSpec(max_tokens=6), f"r{i}", gating)
+                for i in range(k)]
+
+        async def text(run: Run) -> str:
+            return "".join(e.text for events in [x async for x in run] for e in events)
+
+        return await asyncio.gather(*(text(r) for r in runs))
+
+    assert asyncio.run(streams(1)) == ["日本の首都は東京です。"] and waits == []
+    assert asyncio.run(streams(2)) == ["日本の首都は東京です。"] * 2
+    assert waits and all(w <= interval for w in waits)
+    assert Run.streams == 0
