@@ -16,7 +16,10 @@ What it keeps and what it replaces:
   serves dense AWQ on this CPU). They stay 4-bit: no dequantized copy is ever kept;
 - the expert computation is ours: tokens are grouped by expert, and each expert that received
   tokens runs two `cpu_gemm_wna16` calls (w13, then w2 after SiLU-and-mul); the outputs are
-  summed with the router weights in float32.
+  summed with the router weights in float32. On CPU vLLM calls the MoE layer inline inside the
+  model it compiles (`MoERunner._select_forward`), and a loop over the experts that received
+  tokens cannot be traced, so the computation is the custom op `torch.ops.moegi.awq_moe_cpu`
+  (registered as vLLM registers its own, `direct_register_custom_op`), opaque to torch.compile.
 
 Written against vLLM 0.32.0 (`TESTED_VLLM`). The internals it relies on, each checked by
 tests/unit/test_vllm_plugin.py so that an upgrade fails a test before it fails a user:
@@ -32,6 +35,7 @@ tests/unit/test_vllm_plugin.py so that an upgrade fails a test before it fails a
   `RoutedExperts.{activation, apply_router_weight_on_input, moe_config}`;
 - `vllm._custom_ops.cpu_gemm_wna16(input, q_weight, scales, zeros, bias, pack_factor, isa_hint)`
   with the weight layout `CPUWNA16LinearKernel._process_gptq_weights_w4a16` produces.
+- `vllm.utils.torch_utils.direct_register_custom_op(op_name, op_func, fake_impl=, target_lib=)`.
 """
 
 from __future__ import annotations
@@ -95,45 +99,78 @@ class CPUExperts:
         self.w2, self.w2_zeros = to_kernel_layout(w2_qweight, w2_qzeros)
         self.w13_scales = w13_scales.contiguous()  # [E, H/G, 2I]
         self.w2_scales = w2_scales.contiguous()  # [E, I/G, H]
-        self.num_experts = w13_qweight.shape[0]
-        self.intermediate = w2_qweight.shape[1]
-
-    def _gemm(self, x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor,
-              zeros: torch.Tensor) -> torch.Tensor:
-        from vllm import _custom_ops as ops
-
-        out: torch.Tensor = ops.cpu_gemm_wna16(input=x, q_weight=w, scales=scales, zeros=zeros,
-                                              bias=None, pack_factor=PACK, isa_hint="vec")
-        return out
 
     def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
                 weight_on_input: bool = False) -> torch.Tensor:
-        """x `[T, H]`, topk_weights/topk_ids `[T, k]` -> `[T, H]` (x's dtype).
+        return run_experts(x, topk_weights, topk_ids, self.w13, self.w13_scales, self.w13_zeros,
+                           self.w2, self.w2_scales, self.w2_zeros, weight_on_input)
 
-        Tokens are sorted by expert; an expert that received none costs nothing.
-        """
-        tokens, k = topk_ids.shape
-        flat = topk_ids.reshape(-1).to(torch.int64)
-        order = torch.argsort(flat, stable=True)
-        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
-        token_of = order // k  # [T*k] the token of each sorted assignment
-        weight_of = topk_weights.reshape(-1)[order].to(torch.float32)
-        out = torch.zeros((tokens, x.shape[1]), dtype=torch.float32)
-        start = 0
-        for e, n in enumerate(counts):
-            if n == 0:
-                continue
-            idx = token_of[start : start + n]
-            w = weight_of[start : start + n, None]
-            xe = x.index_select(0, idx)
-            if weight_on_input:
-                xe = (xe.to(torch.float32) * w).to(x.dtype)
-            h = self._gemm(xe, self.w13[e], self.w13_scales[e], self.w13_zeros[e])  # [n, 2I]
-            act = torch.nn.functional.silu(h[:, : self.intermediate]) * h[:, self.intermediate :]
-            y = self._gemm(act.contiguous(), self.w2[e], self.w2_scales[e], self.w2_zeros[e])
-            out.index_add_(0, idx, y.to(torch.float32) if weight_on_input else y * w)
-            start += n
-        return out.to(x.dtype)
+
+def _gemm(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor
+          ) -> torch.Tensor:
+    from vllm import _custom_ops as ops
+
+    out: torch.Tensor = ops.cpu_gemm_wna16(input=x, q_weight=w, scales=scales, zeros=zeros,
+                                          bias=None, pack_factor=PACK, isa_hint="vec")
+    return out
+
+
+def run_experts(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                w13: torch.Tensor, w13_scales: torch.Tensor, w13_zeros: torch.Tensor,
+                w2: torch.Tensor, w2_scales: torch.Tensor, w2_zeros: torch.Tensor,
+                weight_on_input: bool) -> torch.Tensor:
+    """x `[T, H]`, topk_weights/topk_ids `[T, k]`, experts in the kernel layout -> `[T, H]`.
+
+    Tokens are sorted by expert; an expert that received none costs nothing. The loop over
+    experts depends on the routing (data), so torch.compile cannot trace it: vLLM's compiled
+    model calls it as the opaque custom op `torch.ops.moegi.awq_moe_cpu` (see `register`).
+    """
+    tokens, k = topk_ids.shape
+    intermediate = w13.shape[1] * 8  # w13 `[E, 2I/16, 2H]`
+    flat = topk_ids.reshape(-1).to(torch.int64)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=w13.shape[0]).tolist()
+    token_of = order // k  # [T*k] the token of each sorted assignment
+    weight_of = topk_weights.reshape(-1)[order].to(torch.float32)
+    out = torch.zeros((tokens, x.shape[1]), dtype=torch.float32)
+    start = 0
+    for e, n in enumerate(counts):
+        if n == 0:
+            continue
+        idx = token_of[start : start + n]
+        w = weight_of[start : start + n, None]
+        xe = x.index_select(0, idx)
+        if weight_on_input:
+            xe = (xe.to(torch.float32) * w).to(x.dtype)
+        h = _gemm(xe, w13[e], w13_scales[e], w13_zeros[e])  # [n, 2I]
+        act = torch.nn.functional.silu(h[:, :intermediate]) * h[:, intermediate:]
+        y = _gemm(act.contiguous(), w2[e], w2_scales[e], w2_zeros[e])
+        out.index_add_(0, idx, y.to(torch.float32) if weight_on_input else y * w)
+        start += n
+    return out.to(x.dtype)
+
+
+def _run_experts_fake(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                      w13: torch.Tensor, w13_scales: torch.Tensor, w13_zeros: torch.Tensor,
+                      w2: torch.Tensor, w2_scales: torch.Tensor, w2_zeros: torch.Tensor,
+                      weight_on_input: bool) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+_OP_LIB: Any = None  # the torch.library that owns `moegi::awq_moe_cpu` (kept alive here)
+
+
+def _register_op() -> None:
+    """Define `torch.ops.moegi.awq_moe_cpu` once per process, as vLLM defines its own ops."""
+    global _OP_LIB
+    if _OP_LIB is not None:
+        return
+    from torch.library import Library
+    from vllm.utils.torch_utils import direct_register_custom_op
+
+    _OP_LIB = Library("moegi", "FRAGMENT")  # type: ignore[no-untyped-call]
+    direct_register_custom_op("awq_moe_cpu", run_experts, fake_impl=_run_experts_fake,
+                              target_lib=_OP_LIB)
 
 
 def _method_class() -> type:
@@ -153,19 +190,22 @@ def _method_class() -> type:
             self.quant_type = scalar_types.uint4
             self.input_dtype = None
             self.use_marlin = False
-            self.experts: CPUExperts | None = None
+            self.processed = False
             if moe.activation != MoEActivation.SILU:
                 raise NotImplementedError(f"moegi's CPU AWQ MoE experts support SiLU only, "
                                           f"not {moe.activation}")
 
         def process_weights_after_loading(self, layer: Any) -> None:
-            self.experts = CPUExperts(layer.w13_qweight.data, layer.w13_scales.data,
-                                      layer.w13_qzeros.data, layer.w2_qweight.data,
-                                      layer.w2_scales.data, layer.w2_qzeros.data)
-            # The repacked copies replace the loaded ones: keep one 4-bit copy, not two.
-            for name in ("w13_qweight", "w13_scales", "w13_qzeros",
-                         "w2_qweight", "w2_scales", "w2_qzeros"):
-                getattr(layer, name).data = torch.empty(0, dtype=getattr(layer, name).dtype)
+            # The kernel-layout tensors replace the loaded ones in the layer's parameters: one
+            # 4-bit copy, and parameters (not attributes of a Python object) for torch.compile.
+            experts = CPUExperts(layer.w13_qweight.data, layer.w13_scales.data,
+                                 layer.w13_qzeros.data, layer.w2_qweight.data,
+                                 layer.w2_scales.data, layer.w2_qzeros.data)
+            for name, value in (("w13_qweight", experts.w13), ("w13_scales", experts.w13_scales),
+                                ("w13_qzeros", experts.w13_zeros), ("w2_qweight", experts.w2),
+                                ("w2_scales", experts.w2_scales), ("w2_qzeros", experts.w2_zeros)):
+                getattr(layer, name).data = value
+            self.processed = True
 
         def get_fused_moe_quant_config(self, layer: Any) -> Any:
             return None  # no modular kernel: the experts are computed in `apply`
@@ -173,12 +213,15 @@ def _method_class() -> type:
         def apply(self, layer: Any, x: torch.Tensor, topk_weights: torch.Tensor,
                   topk_ids: torch.Tensor, shared_experts: Any,
                   shared_experts_input: torch.Tensor | None) -> torch.Tensor:
-            assert self.experts is not None, "weights were not processed after loading"
+            assert self.processed, "weights were not processed after loading"
             if layer.expert_map is not None:
                 raise NotImplementedError("moegi's CPU AWQ MoE experts do not support expert "
                                           "parallelism")
-            return self.experts.forward(x, topk_weights, topk_ids,
-                                        bool(layer.apply_router_weight_on_input))
+            out: torch.Tensor = torch.ops.moegi.awq_moe_cpu(
+                x, topk_weights, topk_ids, layer.w13_qweight, layer.w13_scales, layer.w13_qzeros,
+                layer.w2_qweight, layer.w2_scales, layer.w2_qzeros,
+                bool(layer.apply_router_weight_on_input))
+            return out
 
     return MoegiCPUAWQMoEMethod
 
@@ -213,6 +256,7 @@ def register() -> None:
     original = AutoAWQConfig.get_quant_method
     if getattr(original, "_moegi_hook", False):
         return
+    _register_op()
     method_class = _method_class()
 
     def get_quant_method(self: Any, layer: torch.nn.Module, prefix: str) -> Any:

@@ -50,6 +50,8 @@ def test_the_plugin_runs_the_experts_in_vllms_engine_process(chat_server: Server
     assert sorted(set(lines)) == [f"model.layers.{i}.block_sparse_moe.experts"
                                   for i in range(layers)], log[-3000:]
     assert "No WNA16 MoE backend" not in log
+    # Compiled, as `make serve` runs it: torch.compile traced the model around the plugin's op.
+    assert "enforce_eager=False" in log and "Warming up model for the compilation" in log
 
 
 def _greedy(server: Server, prompt_ids: list[int], n: int) -> list[int]:
