@@ -151,6 +151,8 @@ async def stream(client: httpx.AsyncClient, url: str, body: dict[str, object]) -
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             chunk = json.loads(line[6:])
+            if "error" in chunk:
+                raise RuntimeError(f"{url}: {chunk['error']}")
             if chunk.get("usage"):
                 s.tokens = chunk["usage"]["completion_tokens"]
             for c in chunk.get("choices", []):

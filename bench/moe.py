@@ -1,7 +1,7 @@
 """`make bench-moe`: the 4-bit AWQ MoE on this CPU (moegi's vLLM plugin) against the same MoE in bf16.
 
 One Mixtral large enough for the figures to mean something (hidden 1024, 8 layers, 8 experts,
-2 per token, random bf16 weights), served by moegi on vLLM:
+2 per token, random bf16 weights), served by moegi on vLLM as `make serve` serves (compiled):
 
 - bf16: vLLM's own unquantized CPU MoE kernel (`cpu_fused_moe`);
 - AWQ 4-bit GEMM (group 128, zero point): moegi's CPU plugin (`serve/vllm_plugin.py`);
@@ -56,7 +56,7 @@ def _models() -> dict[str, Path]:
 def _serve(name: str, model: Path, log_dir: Path) -> ServerProcess:
     port = free_port()
     cmd = [sys.executable, "-m", "serve", "--model", str(model), "--served-model-name", "m",
-           "--port", str(port), "--enforce-eager", "--max-model-len", "1024",
+           "--port", str(port), "--max-model-len", "1024",
            "--chat-template", "alpaca-ja"]
     return ServerProcess(name, cmd, log_dir / f"{name.split()[0]}-{port}.log", port,
                          env={"VLLM_CPU_KVCACHE_SPACE": "1"})
@@ -64,7 +64,7 @@ def _serve(name: str, model: Path, log_dir: Path) -> ServerProcess:
 
 def _measure(server: ServerProcess) -> dict[str, float]:
     body = {"model": "m", "prompt": PROMPT, "max_tokens": DECODE_TOKENS, "temperature": 0,
-            "ignore_eos": True, "eos_truncation": False}
+            "ignore_eos": True, "eos_truncation": False, "return_token_ids": True}
     url = server.url + "/v1/completions"
     asyncio.run(concurrent(url, {**body, "max_tokens": 8}, 2))  # warm-up
     b1 = [decode_rate(asyncio.run(concurrent(url, body, 1))) for _ in range(3)]

