@@ -1,12 +1,12 @@
 """`make bench-quantize`: peak memory and time of `moegi-quantize` and `verify` against depth.
 
 Random bf16 Mixtrals of hidden 1024, 4 experts (2 per token), intermediate 2048, with 4, 8, 16
-and 32 layers (bench/models.py), are quantized (AWQ, 8 calibration samples of 256 tokens) and
-then verified, each in its own process; the table gives each run's peak RSS (and of it the
-anonymous memory, sampled every 50 ms: file-backed pages of mmapped shards are reclaimable page
-cache) beside the model's size, and the slope per layer in MiB: a bounded run's peak does not
-grow with depth beyond the calibration activations and one layer.
-Time per layer gives the slope for a 4x7B estimate.
+and 32 layers (bench/models.py), are quantized (AWQ, 8 calibration samples of 256 tokens,
+output shards of 256 MiB) and then verified, each in its own process. The table gives each
+run's peak RSS and, of it, the anonymous memory (sampled every 50 ms; the file-backed pages of
+mmapped shards are page cache the kernel reclaims) beside the model's size, and the slope per
+layer: a bounded run's peak does not grow with depth beyond the calibration activations, one
+layer and one output shard. Time per layer gives the slope for a 4x7B estimate.
 
     make bench-quantize                  # or: .venv/bin/python -m bench.quantize_memory
 """
@@ -46,18 +46,22 @@ def _rss_anon(pid: int) -> int:
 def _measure(cmd: list[str]) -> tuple[float, float, float, int]:
     """(peak RSS GiB, peak anonymous RSS GiB, seconds, exit code) of one child process."""
     start = time.monotonic()
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    anon = 0
-    while True:
-        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-        if pid:
-            break
-        anon = max(anon, _rss_anon(proc.pid))
-        time.sleep(0.05)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode not in (0, 1):  # verify exits 1 on a random model's top-1: still measured
-        err = proc.stderr.read().decode()[-2000:] if proc.stderr else ""
-        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}): {err}")
+    # stderr to a file, not a pipe: nobody reads a pipe while the child runs, and its progress
+    # bars would fill one and block it.
+    with tempfile.TemporaryFile() as log:
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=log)
+        anon = 0
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            anon = max(anon, _rss_anon(proc.pid))
+            time.sleep(0.05)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        if proc.returncode not in (0, 1):  # verify exits 1 on a random model's top-1: measured
+            log.seek(0)
+            err = log.read().decode(errors="replace")[-2000:]
+            raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}): {err}")
     return usage.ru_maxrss / 2**20, anon / 2**30, time.monotonic() - start, proc.returncode
 
 
@@ -74,8 +78,11 @@ def main(argv: list[str] | None = None) -> None:
                               {**SHAPE, "num_hidden_layers": layers})
             size = sum(f.stat().st_size for f in src.glob("*.safetensors")) / 2**30
             out = Path(tmp) / f"awq-{layers}"
+            # Output shards of 256 MiB: the repack holds one shard in memory while it writes it,
+            # and at the default 1 GiB a whole 32-layer model here would fit in one.
             q_rss, q_anon, q_s, _ = _measure([python, "-m", "quantize", str(src), str(out),
-                                              "--num-samples", "8", "--seq-len", "256"])
+                                              "--num-samples", "8", "--seq-len", "256",
+                                              "--max-shard-gb", "0.25"])
             v_rss, v_anon, v_s, _ = _measure([python, "-m", "quantize", "verify", str(out),
                                               "--original", str(src)])
             points.append((layers, q_anon, v_anon, q_s))
