@@ -28,7 +28,6 @@ import statistics
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
 
 from bench.common import (
     ServerProcess,
@@ -47,11 +46,10 @@ TOKENS = 64
 LEVELS = (1, 8, 32)
 
 
-def _model(scale: str) -> tuple[Path, dict[str, Any]]:
-    """The model folder and the request fields both servers get."""
+def _model(scale: str) -> Path:
     if scale == "tiny":
-        return bench_model("tiny-moe", "mixtral", TINY_MOE), {}
-    return bench_model("moe", "mixtral", LARGE_MOE), {}
+        return bench_model("tiny-moe", "mixtral", TINY_MOE)
+    return bench_model("moe", "mixtral", LARGE_MOE)
 
 
 def _server(kind: str, model: Path, log_dir: Path, moegi_repo: Path | None = None
@@ -83,11 +81,10 @@ def _pct(values: list[float], q: float) -> float:
 REPS = {"tiny": (8, 4, 2, 4), "large": (3, 1, 1, 1)}
 
 
-def _measure(server: ServerProcess, extra: dict[str, Any], reps: tuple[int, ...]
-             ) -> dict[str, float]:
+def _measure(server: ServerProcess, reps: tuple[int, ...]) -> dict[str, float]:
     body = {"model": "m", "max_tokens": TOKENS, "ignore_eos": True, "temperature": 0,
             "eos_truncation": False,
-            "messages": [{"role": "user", "content": "日本の首都はどこですか？"}], **extra}
+            "messages": [{"role": "user", "content": "日本の首都はどこですか？"}]}
     url = server.url + "/v1/chat/completions"
     asyncio.run(concurrent(url, {**body, "max_tokens": 4}, 4))  # warm-up
     out: dict[str, float] = {"startup": server.startup_s}
@@ -122,14 +119,14 @@ FIGURES = [(f"s{n} {k}", f"stream {n}: {k}") for n in LEVELS
 
 
 def run_scale(scale: str, rounds: int, log_dir: Path, moegi_repo: Path | None = None) -> str:
-    model, extra = _model(scale)
+    model = _model(scale)
     runs: dict[str, list[dict[str, float]]] = {"moegi": [], "vllm": []}
     for r in range(rounds):
         order = ("moegi", "vllm") if r % 2 == 0 else ("vllm", "moegi")
         for kind in order:
             server = _server(kind, model, log_dir, moegi_repo).start()
             try:
-                runs[kind].append(_measure(server, extra, REPS[scale]))
+                runs[kind].append(_measure(server, REPS[scale]))
             finally:
                 server.stop()
             print(f"{scale} round {r + 1} {kind}: " + ", ".join(

@@ -11,9 +11,10 @@ first.
 What it keeps and what it replaces:
 - weight creation and loading stay vLLM's (`AutoAWQMoEMethod.create_weights` and the fused-MoE
   weight loader), so the checkpoint is read exactly as on CUDA and AMX hosts;
-- after loading, each expert's AWQ tensors are repacked once into the layout of PyTorch's CPU
-  int4 kernel (`torch.ops.aten._weight_int4pack_mm_for_cpu`, the kernel gpt-fast and torchao
-  use; AVX-512 vectorized for bfloat16 activations): the 4-bit values in
+- after loading, each expert's AWQ tensors are unpacked (`quantize/gemm.py`, the quantizer's own
+  AutoAWQ layout code, pure torch) and repacked once into the layout of PyTorch's CPU int4
+  kernel (`torch.ops.aten._weight_int4pack_mm_for_cpu`, the kernel gpt-fast and torchao use;
+  AVX-512 vectorized for bfloat16 activations): the 4-bit values in
   `_convert_weight_to_int4pack_for_cpu`'s layout, and per group a bfloat16 scale and zero
   (`zero = (8 - z) * s`). They stay 4-bit: no dequantized copy is ever kept, and the loaded
   tensors are replaced, not kept beside. The kernel was chosen by measurement: on this AVX-512
@@ -51,38 +52,13 @@ from typing import Any
 
 import torch
 
+from quantize.gemm import PACK, unpack_gemm
+
 TESTED_VLLM = ("0.32.0",)
-PACK = 8  # 4-bit values per int32
-_SHIFTS = torch.arange(PACK, dtype=torch.int32) * 4
-# AutoAWQ stores column 8w + AWQ_ORDER[i] in nibble i; column j therefore sits in nibble
-# _AWQ_NIBBLE_OF[j] (vLLM's _REVERSE_AWQ_PACK_ORDER).
-_AWQ_NIBBLE_OF = (0, 4, 1, 5, 2, 6, 3, 7)
-_ROWS_PER_CHUNK = 1024  # bounds the temporary unpacked copy while repacking a 4x7B expert
 _COLS_PER_CHUNK = 1024  # output channels per packing step: a multiple of the kernel's 64
 
 # Under "vllm." so that vLLM's own logging set-up prints it in its engine process too.
 log = logging.getLogger("vllm.moegi_plugin")
-
-
-def awq_to_standard(packed: torch.Tensor) -> torch.Tensor:
-    """AutoAWQ nibble order -> standard order (column 8w + j in nibble j), same shape [..., C/8].
-
-    Works in row chunks so that a large expert never has more than a slice unpacked.
-    """
-    flat = packed.reshape(-1, packed.shape[-1])
-    out = torch.empty_like(flat)
-    order = list(_AWQ_NIBBLE_OF)
-    for start in range(0, flat.shape[0], _ROWS_PER_CHUNK):
-        rows = flat[start : start + _ROWS_PER_CHUNK]
-        nibbles = (rows.unsqueeze(-1) >> _SHIFTS) & 0xF  # [R, C/8, 8] by nibble
-        values = nibbles[..., order]  # [R, C/8, 8] by column
-        out[start : start + _ROWS_PER_CHUNK] = (values << _SHIFTS).sum(-1, dtype=torch.int32)
-    return out.reshape(packed.shape)
-
-
-def _unpack(packed: torch.Tensor) -> torch.Tensor:
-    """Standard-order int32 `[R, C/8]` -> the 4-bit values `[R, C]` (int32)."""
-    return ((packed.unsqueeze(-1) >> _SHIFTS) & 0xF).reshape(packed.shape[0], -1)
 
 
 def to_int4pack(qweight: torch.Tensor) -> torch.Tensor:
@@ -91,10 +67,10 @@ def to_int4pack(qweight: torch.Tensor) -> torch.Tensor:
     Works in blocks of output channels (a multiple of the kernel's 64-row blocks), so a 4x7B
     expert never has more than a slice unpacked.
     """
-    std = awq_to_standard(qweight)  # [K, N/8]
-    step = _COLS_PER_CHUNK // PACK
+    step = _COLS_PER_CHUNK // PACK  # int32 words per block
     return torch.cat([torch.ops.aten._convert_weight_to_int4pack_for_cpu(
-        _unpack(std[:, c : c + step]).t().contiguous(), 2) for c in range(0, std.shape[1], step)])
+        unpack_gemm(qweight[:, c : c + step]).t().contiguous(), 2)
+        for c in range(0, qweight.shape[1], step)])
 
 
 def to_scales_and_zeros(scales: torch.Tensor, qzeros: torch.Tensor) -> torch.Tensor:
@@ -103,7 +79,7 @@ def to_scales_and_zeros(scales: torch.Tensor, qzeros: torch.Tensor) -> torch.Ten
     AWQ dequantizes `(q - z) * s`; torch's int4 kernel computes `(q - 8) * s + zero`, so
     `zero = (8 - z) * s` (formed in float32, then rounded once to bfloat16).
     """
-    z = _unpack(awq_to_standard(qzeros)).to(torch.float32)
+    z = unpack_gemm(qzeros).to(torch.float32)
     s = scales.to(torch.float32)
     return torch.stack([s, (8 - z) * s], dim=-1).to(torch.bfloat16)
 

@@ -12,7 +12,7 @@ import inspect
 import pytest
 import torch
 
-from quantize.gemm import dequantize, pack_gemm
+from quantize.gemm import AWQ_ORDER, dequantize, pack_gemm
 from serve import vllm_plugin
 from serve.vllm_plugin import CPUExperts
 
@@ -149,7 +149,8 @@ def test_the_vllm_internals_the_plugin_relies_on() -> None:
     assert "qScaleAndZeros" in str(torch.ops.aten._weight_int4pack_mm_for_cpu.default._schema)
     assert "match_mode" in _params(quant_utils.is_layer_skipped)
     assert hasattr(quant_utils, "kInt4Static") and isinstance(RoutedExperts, type)
-    assert list(vllm_plugin._AWQ_NIBBLE_OF) == auto_awq._REVERSE_AWQ_PACK_ORDER
+    # The plugin unpacks AutoAWQ nibbles with quantize/gemm.py: the same order as vLLM's.
+    assert [AWQ_ORDER.index(i) for i in range(8)] == auto_awq._REVERSE_AWQ_PACK_ORDER
 
 
 def test_register_hooks_once_and_only_on_cpu() -> None:
