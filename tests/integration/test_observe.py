@@ -105,13 +105,34 @@ def _traffic(chat: Server, llama: Server) -> None:
         c.completions.create(model="no-such-model", prompt="x", max_tokens=1)
     with pytest.raises(openai.BadRequestError):
         c.completions.create(model="tiny-chat", prompt="x", max_tokens=100000)
-    # A client that leaves mid-stream.
-    body = {"model": "tiny-chat", "prompt": "東京", "max_tokens": 400, "stream": True,
-            "ignore_eos": True}
-    with httpx.stream("POST", chat.url + "/v1/completions", json=body, timeout=60) as s:
-        next(s.iter_lines())
+    _leave_mid_stream(chat)
     llama.client().completions.create(model="tiny-llama", prompt="hello", max_tokens=4)
     assert httpx.get(llama.url + "/v1/models").status_code == 401
+
+
+def _disconnects(server: Server) -> float:
+    text = httpx.get(server.url + "/metrics", headers=server.headers(), timeout=10).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("moegi_client_disconnects_total{"))
+
+
+def _leave_mid_stream(chat: Server) -> None:
+    """A client that reads the first chunk of a long stream and hangs up. The compiled tiny
+    model streams 400 tokens in about 0.2 s and can finish before the server sees the hang-up
+    (then nothing was cut and nothing is counted), so the stream is long (32 choices to the
+    context limit) and the hang-up is tried again until the server's own /metrics counts it."""
+    before = _disconnects(chat)
+    body = {"model": "tiny-chat", "prompt": "東京", "max_tokens": 480, "n": 32, "stream": True,
+            "temperature": 1.0, "ignore_eos": True}
+    for _ in range(3):
+        with httpx.stream("POST", chat.url + "/v1/completions", json=body, timeout=60) as s:
+            next(s.iter_lines())
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            if _disconnects(chat) > before:
+                return
+            time.sleep(0.2)
+    pytest.fail("three streams left after their first chunk; the server counted no disconnect")
 
 
 def _regex_value(value: str) -> str:
@@ -136,6 +157,8 @@ def test_every_panel_returns_data(prometheus: Prometheus, chat_server: Server,
         if done and float(done[0]["value"][1]) >= 1:
             break
         time.sleep(0.5)
+    else:
+        pytest.fail("Prometheus never scraped the disconnect the server counted")
     time.sleep(3)
     dashboard = json.loads(DASHBOARD.read_text())
     variables: dict[str, list[str]] = {}
