@@ -6,7 +6,8 @@ output shards of 256 MiB) and then verified, each in its own process. The table 
 run's peak RSS and, of it, the anonymous memory (sampled every 50 ms; the file-backed pages of
 mmapped shards are page cache the kernel reclaims) beside the model's size, and the slope per
 layer: a bounded run's peak does not grow with depth beyond the calibration activations, one
-layer and one output shard. Time per layer gives the slope for a 4x7B estimate.
+layer and one shard of llm-compressor's save. Time per layer gives the slope for a 4x7B
+estimate.
 
     make bench-quantize                  # or: .venv/bin/python -m bench.quantize_memory
 """
@@ -78,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
                               {**SHAPE, "num_hidden_layers": layers})
             size = sum(f.stat().st_size for f in src.glob("*.safetensors")) / 2**30
             out = Path(tmp) / f"awq-{layers}"
-            # Output shards of 256 MiB: the repack holds one shard in memory while it writes it,
+            # Shards of 256 MiB: llm-compressor's save (transformers') holds one in memory,
             # and at the default 1 GiB a whole 32-layer model here would fit in one.
             q_rss, q_anon, q_s, _ = _measure([python, "-m", "quantize", str(src), str(out),
                                               "--num-samples", "8", "--seq-len", "256",

@@ -11,14 +11,14 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from quantize.gemm import from_compressed
 from quantize.mappings import ArchSpec
@@ -106,36 +106,93 @@ def read_tensors(folder: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-class ShardWriter:
-    """Streams tensors into `model-0000i-of-0000n.safetensors` files of at most `max_bytes`.
+# safetensors' dtype names for the tensors a checkpoint holds.
+_ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16",
+              torch.bfloat16: "BF16", torch.int64: "I64", torch.int32: "I32", torch.int16: "I16",
+              torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
+# The order of safetensors' own Dtype enum: a shard lists its tensors from the last to the first
+# of these (widest first), as the library's writer does, so each starts aligned.
+_ST_ORDER = ("BOOL", "U8", "I8", "I16", "F16", "BF16", "I32", "F32", "F64", "I64")
+_COPY_CHUNK = 16 << 20
 
-    Written by hand because huggingface_hub's shard splitter needs the whole state dict in
-    memory first, which is what streaming is here to avoid.
+
+@dataclass
+class _Entry:
+    dtype: str
+    shape: list[int]
+    offset: int  # in the shard's data file
+    nbytes: int
+
+
+class ShardWriter:
+    """Streams tensors into `model-0000i-of-0000n.safetensors` files of at most `max_bytes`,
+    holding no tensor once `add` returns.
+
+    Written by hand because the safetensors library writes a file only from a dict of tensors
+    in memory (and huggingface_hub's shard splitter needs the whole state dict first): a shard
+    held that way, plus the heap fragmentation of many 1-4 MiB tensors, was 36 MiB of memory
+    per layer of the bench model. Here each tensor's bytes go to the shard's data file as they
+    come; closing a shard writes the safetensors header (format: 8-byte little-endian length,
+    JSON, then the bytes) and copies the data behind it in the order the library itself uses
+    (by dtype, widest first, then by name): the files are byte for byte what `save_file` writes
+    (tests/quantize/test_units.py), and `check_repack` reads every one back through safetensors.
     """
 
     def __init__(self, out: Path, max_bytes: int) -> None:
         self.out, self.max_bytes = out, max_bytes
-        self.pending: dict[str, torch.Tensor] = {}
-        self.pending_bytes = 0
         self.files: list[tuple[str, list[str]]] = []
         self.total = 0
+        self._entries: dict[str, _Entry] = {}
+        self._size = 0
+        self._data: BinaryIO | None = None
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
+        if tensor.dtype not in _ST_DTYPES:
+            raise TypeError(f"{name}: cannot store {tensor.dtype} in safetensors")
+        if name in self._entries or any(name in names for _, names in self.files):
+            raise ValueError(f"{name} written twice")
         size = tensor.numel() * tensor.element_size()
-        if self.pending and self.pending_bytes + size > self.max_bytes:
+        if self._entries and self._size + size > self.max_bytes:
             self._flush()
-        self.pending[name] = tensor.contiguous()
-        self.pending_bytes += size
+        if self._data is None:
+            self._data = (self.out / f".shard-{len(self.files):05d}.data").open("w+b")
+        raw = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+        self._data.write(raw.data)
+        self._entries[name] = _Entry(_ST_DTYPES[tensor.dtype], list(tensor.shape), self._size,
+                                     size)
+        self._size += size
         self.total += size
 
     def _flush(self) -> None:
+        data = self._data
+        assert data is not None
+        order = sorted(self._entries.items(),
+                       key=lambda kv: (-_ST_ORDER.index(kv[1].dtype), kv[0]))
+        header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+        pos = 0
+        for name, e in order:
+            header[name] = {"dtype": e.dtype, "shape": e.shape, "data_offsets": [pos, pos + e.nbytes]}
+            pos += e.nbytes
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned, as the library pads
         tmp = f"shard-{len(self.files):05d}.safetensors"
-        save_file(self.pending, str(self.out / tmp), metadata={"format": "pt"})
-        self.files.append((tmp, sorted(self.pending)))
-        self.pending, self.pending_bytes = {}, 0
+        with (self.out / tmp).open("wb") as f:
+            f.write(struct.pack("<Q", len(blob)))
+            f.write(blob)
+            for _, e in order:
+                data.seek(e.offset)
+                left = e.nbytes
+                while left:
+                    chunk = data.read(min(left, _COPY_CHUNK))
+                    f.write(chunk)
+                    left -= len(chunk)
+        data.close()
+        Path(data.name).unlink()
+        self.files.append((tmp, sorted(self._entries)))
+        self._entries, self._size, self._data = {}, 0, None
 
     def close(self) -> None:
-        if self.pending:
+        if self._entries:
             self._flush()
         if len(self.files) == 1:
             (self.out / self.files[0][0]).rename(self.out / "model.safetensors")

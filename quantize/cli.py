@@ -42,7 +42,8 @@ def quantize_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--group-size", type=int, default=128)
     p.add_argument("--max-shard-gb", type=float, default=1.0,
-                   help="largest output shard (held in memory while written)")
+                   help="largest shard written, in GiB (default 1); llm-compressor's save "
+                        "holds one shard of its files in memory, so this bounds that step")
     p.add_argument("--overwrite", action="store_true")
     return p
 

@@ -62,7 +62,7 @@ def _same_or_nested(a: Path, b: Path) -> bool:
 
 
 def check(model: Path, out: Path, *, fmt: str, group_size: int, num_samples: int, seq_len: int,
-          calib: Path | None, overwrite: bool) -> Plan:
+          calib: Path | None, overwrite: bool, max_shard_gb: float = 1.0) -> Plan:
     """Fail before any heavy work: paths, architecture, options, tokenizer, space, writability."""
     if not (model / "config.json").is_file():
         raise QuantizeError(f"{model} is not a model folder (no config.json); pass a local "
@@ -71,6 +71,9 @@ def check(model: Path, out: Path, *, fmt: str, group_size: int, num_samples: int
         raise QuantizeError(f"--format must be one of {', '.join(FORMATS)}")
     if num_samples < 1 or seq_len < 2:
         raise QuantizeError("--num-samples must be >= 1 and --seq-len >= 2")
+    if not 2**-20 <= max_shard_gb <= 1024:  # also refuses nan
+        raise QuantizeError(f"--max-shard-gb {max_shard_gb} must be between 0.000001 and 1024: "
+                            "it bounds the memory a shard takes while it is written (1 = 1 GiB)")
     if calib is not None and not calib.is_file():
         raise QuantizeError(f"--calib {calib}: no such file")
     config = json.loads((model / "config.json").read_text())

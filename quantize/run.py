@@ -44,7 +44,7 @@ class Options:
     seq_len: int = 512
     group_size: int = 128
     overwrite: bool = False
-    max_shard_gb: float = 1.0  # a shard is held in memory while it is written
+    max_shard_gb: float = 1.0  # llm-compressor's save holds one shard in memory
 
 
 @dataclass
@@ -135,7 +135,7 @@ def _terminable() -> Iterator[None]:
 def quantize(opts: Options) -> Result:
     plan = preflight.check(opts.model, opts.out, fmt=opts.format, group_size=opts.group_size,
                            num_samples=opts.num_samples, seq_len=opts.seq_len, calib=opts.calib,
-                           overwrite=opts.overwrite)
+                           overwrite=opts.overwrite, max_shard_gb=opts.max_shard_gb)
     start = time.monotonic()
     resume = pipeline.Resume(opts.out.parent / f"{opts.out.name}.resume", fingerprint(opts))
     try:
@@ -200,8 +200,10 @@ def _run(opts: Options, plan: preflight.Plan, resume: pipeline.Resume, work: Pat
     finally:
         pipeline.ACTIVE = None
     ct_dir = work / "compressed-tensors"
-    # Small shards: transformers holds a whole shard in memory while it writes it.
-    model.save_pretrained(ct_dir, save_compressed=True, max_shard_size="1GB")
+    # transformers reads a whole shard of the offloaded model into memory while it writes it,
+    # so --max-shard-gb bounds this save; the repack below streams, one linear at a time.
+    shard_bytes = int(opts.max_shard_gb * 2**30)
+    model.save_pretrained(ct_dir, save_compressed=True, max_shard_size=shard_bytes)
     del model
     shutil.rmtree(work / "offload", ignore_errors=True)
     gemm_dir = work / "awq-gemm"
@@ -211,7 +213,7 @@ def _run(opts: Options, plan: preflight.Plan, resume: pipeline.Resume, work: Pat
     layers = int(plan.config["num_hidden_layers"])
     with tqdm(total=layers, desc="Repacking to AWQ GEMM", unit="layer") as bar:
         report = checkpoint.write_gemm(ct_dir, gemm_dir, spec, opts.group_size,
-                                       int(opts.max_shard_gb * 2**30), bar)
+                                       shard_bytes, bar)
     checkpoint.check_repack(ct_dir, gemm_dir, spec)
     checkpoint.copy_tokenizer(opts.model, gemm_dir, template)
     try:

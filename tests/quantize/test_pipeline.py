@@ -116,6 +116,9 @@ def test_bad_options_fail_before_loading(tmp_path: Path, capsys: Any) -> None:
     assert "no such file" in capsys.readouterr().err
     assert cli([str(tmp_path), str(out)]) == 2
     assert "no config.json" in capsys.readouterr().err
+    for shard in ("0", "-1", "nan", "inf"):
+        assert cli(["tiny-llama", str(out), "--max-shard-gb", shard]) == 2
+        assert f"--max-shard-gb {float(shard)} must be between" in capsys.readouterr().err
     assert not out.exists()
 
 

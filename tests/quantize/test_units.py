@@ -1,4 +1,5 @@
-"""Unit tests of the quantization parts that need no model: GEMM packing, mappings, calibration."""
+"""Unit tests of the quantization parts that need no model: GEMM packing, mappings, calibration,
+the streaming shard writer."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ from typing import Any
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from quantize import calibration, gemm, mappings
+from quantize.checkpoint import ShardWriter, read_tensors
 
 
 def autoawq_pack(intweight: torch.Tensor) -> torch.Tensor:
@@ -109,3 +112,50 @@ def test_instruction_rows_use_the_preset_format(tmp_path: Path, tokenizer: Any,
     assert plain.prompt_format.startswith("plain text")
     assert not any("[INST]" in tokenizer.decode(s) for s in plain.samples)
     assert max(map(len, calibration.load(tokenizer, model, seq_len=16).samples)) == 16
+
+
+def test_shard_writer_streams_the_files_safetensors_writes(tmp_path: Path) -> None:
+    """The streaming writer holds no tensor, yet its file is save_file's, byte for byte."""
+    gen = torch.Generator().manual_seed(0)
+    tensors = {
+        "a.bf16": torch.randn(3, 5, generator=gen).to(torch.bfloat16),
+        "b.f16_odd": torch.randn(7, generator=gen).to(torch.float16),
+        "c.f32": torch.randn(2, 3, generator=gen),
+        "d.qweight": torch.randint(-2**31, 2**31 - 1, (4, 6), generator=gen, dtype=torch.int32),
+        "e.i64": torch.arange(5),
+        "f.bool": torch.tensor([True, False, True]),
+        "g.u8": torch.arange(9, dtype=torch.uint8),
+        "h.scalar": torch.tensor(1.5, dtype=torch.float16),
+        "i.empty": torch.zeros(0, 4),
+        "j.i8": torch.tensor([-3, 4], dtype=torch.int8),
+        "k.f64": torch.tensor([1e300, -2.0], dtype=torch.float64),
+        "l.i16": torch.tensor([-300, 7], dtype=torch.int16),
+        "m.f16": torch.randn(2, 4, generator=gen).to(torch.float16),
+    }
+    one = tmp_path / "one"
+    one.mkdir()
+    writer = ShardWriter(one, 1 << 30)
+    for name, t in tensors.items():
+        writer.add(name, t)
+    writer.close()
+    save_file(tensors, str(tmp_path / "lib.safetensors"), metadata={"format": "pt"})
+    assert (one / "model.safetensors").read_bytes() == (tmp_path / "lib.safetensors").read_bytes()
+    assert sorted(p.name for p in one.iterdir()) == ["model.safetensors"]  # no data file left
+
+    many = tmp_path / "many"
+    many.mkdir()
+    writer = ShardWriter(many, 40)
+    for name, t in tensors.items():
+        writer.add(name, t)
+    with pytest.raises(ValueError, match="written twice"):
+        writer.add("a.bf16", tensors["a.bf16"])
+    writer.close()
+    index = json.loads((many / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(tensors)
+    assert len(set(index["weight_map"].values())) > 3
+    back = read_tensors(many)
+    assert back.keys() == tensors.keys()
+    for name, t in tensors.items():
+        assert back[name].dtype == t.dtype and torch.equal(back[name], t), name
+    with pytest.raises(TypeError, match="complex64"):
+        ShardWriter(many, 40).add("z", torch.zeros(2, dtype=torch.complex64))
