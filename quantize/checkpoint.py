@@ -106,13 +106,13 @@ def read_tensors(folder: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-# safetensors' dtype names for the tensors a checkpoint holds.
-_ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16",
-              torch.bfloat16: "BF16", torch.int64: "I64", torch.int32: "I32", torch.int16: "I16",
-              torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
-# The order of safetensors' own Dtype enum: a shard lists its tensors from the last to the first
-# of these (widest first), as the library's writer does, so each starts aligned.
-_ST_ORDER = ("BOOL", "U8", "I8", "I16", "F16", "BF16", "I32", "F32", "F64", "I64")
+# safetensors' names for the dtypes a checkpoint holds, in the order of the library's own Dtype
+# enum: a shard lists its tensors from the last of these to the first (widest first), as the
+# library's writer does, so each starts aligned.
+_ST_DTYPES = {torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8", torch.int16: "I16",
+              torch.float16: "F16", torch.bfloat16: "BF16", torch.int32: "I32",
+              torch.float32: "F32", torch.float64: "F64", torch.int64: "I64"}
+_ST_RANK = {name: rank for rank, name in enumerate(_ST_DTYPES.values())}
 _COPY_CHUNK = 16 << 20
 
 
@@ -142,6 +142,7 @@ class ShardWriter:
         self.out, self.max_bytes = out, max_bytes
         self.files: list[tuple[str, list[str]]] = []
         self.total = 0
+        self._written: set[str] = set()
         self._entries: dict[str, _Entry] = {}
         self._size = 0
         self._data: BinaryIO | None = None
@@ -149,8 +150,9 @@ class ShardWriter:
     def add(self, name: str, tensor: torch.Tensor) -> None:
         if tensor.dtype not in _ST_DTYPES:
             raise TypeError(f"{name}: cannot store {tensor.dtype} in safetensors")
-        if name in self._entries or any(name in names for _, names in self.files):
+        if name in self._written:
             raise ValueError(f"{name} written twice")
+        self._written.add(name)
         size = tensor.numel() * tensor.element_size()
         if self._entries and self._size + size > self.max_bytes:
             self._flush()
@@ -166,8 +168,7 @@ class ShardWriter:
     def _flush(self) -> None:
         data = self._data
         assert data is not None
-        order = sorted(self._entries.items(),
-                       key=lambda kv: (-_ST_ORDER.index(kv[1].dtype), kv[0]))
+        order = sorted(self._entries.items(), key=lambda kv: (-_ST_RANK[kv[1].dtype], kv[0]))
         header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
         pos = 0
         for name, e in order:

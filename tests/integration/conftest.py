@@ -71,6 +71,12 @@ class Server:
     def headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
+    def metric(self, name: str) -> float:
+        """Sum of a metric's samples on the server's /metrics (all label sets)."""
+        text = httpx.get(self.url + "/metrics", headers=self.headers(), timeout=10).text
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith(name + "{") or line.startswith(name + " "))
+
 
 def _stop(servers: list[Server]) -> None:
     for s in servers:

@@ -110,18 +110,12 @@ def _traffic(chat: Server, llama: Server) -> None:
     assert httpx.get(llama.url + "/v1/models").status_code == 401
 
 
-def _disconnects(server: Server) -> float:
-    text = httpx.get(server.url + "/metrics", headers=server.headers(), timeout=10).text
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith("moegi_client_disconnects_total{"))
-
-
 def _leave_mid_stream(chat: Server) -> None:
     """A client that reads the first chunk of a long stream and hangs up. The compiled tiny
     model streams 400 tokens in about 0.2 s and can finish before the server sees the hang-up
     (then nothing was cut and nothing is counted), so the stream is long (32 choices to the
     context limit) and the hang-up is tried again until the server's own /metrics counts it."""
-    before = _disconnects(chat)
+    before = chat.metric("moegi_client_disconnects_total")
     body = {"model": "tiny-chat", "prompt": "東京", "max_tokens": 480, "n": 32, "stream": True,
             "temperature": 1.0, "ignore_eos": True}
     for _ in range(3):
@@ -129,7 +123,7 @@ def _leave_mid_stream(chat: Server) -> None:
             next(s.iter_lines())
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
-            if _disconnects(chat) > before:
+            if chat.metric("moegi_client_disconnects_total") > before:
                 return
             time.sleep(0.2)
     pytest.fail("three streams left after their first chunk; the server counted no disconnect")

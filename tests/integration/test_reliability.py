@@ -64,12 +64,6 @@ def engine_procs(server: Server) -> list[psutil.Process]:
     return []
 
 
-def metric(server: Server, name: str) -> float:
-    text = httpx.get(server.url + "/metrics", headers=server.headers(), timeout=10).text
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith(name + "{") or line.startswith(name + " "))
-
-
 # ---------------------------------------------------------------------------------------------
 # Fuzz
 
@@ -236,9 +230,9 @@ def test_200_streams_with_30_percent_hang_ups_leave_nothing_behind(chat_server: 
     assert finished + dropped == 200 and 40 <= dropped <= 80
     gauges = ("vllm:num_requests_running", "vllm:num_requests_waiting", "moegi_active_streams")
     deadline = time.monotonic() + 20
-    while time.monotonic() < deadline and any(metric(chat_server, g) for g in gauges):
+    while time.monotonic() < deadline and any(chat_server.metric(g) for g in gauges):
         time.sleep(0.2)
-    values = {g: metric(chat_server, g) for g in gauges}
+    values = {g: chat_server.metric(g) for g in gauges}
     print(f"\n200 streams: {finished} finished, {dropped} hung up; afterwards {values}")
     assert values == dict.fromkeys(gauges, 0.0)
 
@@ -274,7 +268,7 @@ def test_a_burst_past_the_bounds_gets_429_or_503_and_health_stays_fast(
     assert statuses.count(200) >= 2 and set(statuses) <= {200, 429, 503}
     assert statuses.count(429) + statuses.count(503) >= 10
     assert health_s < 1.0
-    assert metric(server, "moegi_rejected_requests_total") >= 10
+    assert server.metric("moegi_rejected_requests_total") >= 10
 
 
 def _non_reading_stream(server: Server) -> socket.socket:

@@ -183,13 +183,6 @@ def test_sdk_raises_its_own_exceptions_for_client_errors(chat_server: Server) ->
         client.chat.completions.create(model="tiny-chat", messages=msgs, frequency_penalty=5)
 
 
-def metric(server: Server, name: str) -> float:
-    """Sum of a metric's samples on /metrics (all label sets)."""
-    text = httpx.get(server.url + "/metrics", headers=server.headers()).text
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith(name + "{") or line.startswith(name + " "))
-
-
 def test_client_disconnect_aborts_the_engine_request(chat_server: Server) -> None:
     # 16 choices of 400 tokens: 6,400 tokens if nothing stops them. The compiled tiny
     # model streams 400 tokens in about 0.2 s, so a hang-up can come after the engine is done
@@ -199,7 +192,7 @@ def test_client_disconnect_aborts_the_engine_request(chat_server: Server) -> Non
             "eos_truncation": False, "stream": True}
     generated = []
     for _ in range(3):
-        generated_before = metric(chat_server, "vllm:generation_tokens_total")
+        generated_before = chat_server.metric("vllm:generation_tokens_total")
         with httpx.stream("POST", chat_server.url + "/v1/chat/completions", json=body,
                           timeout=60) as r:
             assert r.status_code == 200, r.read()
@@ -208,10 +201,10 @@ def test_client_disconnect_aborts_the_engine_request(chat_server: Server) -> Non
                 next(lines)
         # The connection is closed: the engine must drop the request, not finish it.
         deadline = time.monotonic() + 10
-        while metric(chat_server, "vllm:num_requests_running") > 0:
+        while chat_server.metric("vllm:num_requests_running") > 0:
             assert time.monotonic() < deadline, "the engine still runs a request nobody reads"
             time.sleep(0.05)
-        generated.append(metric(chat_server, "vllm:generation_tokens_total") - generated_before)
+        generated.append(chat_server.metric("vllm:generation_tokens_total") - generated_before)
         if generated[-1] < 16 * 400:
             break
     assert generated[-1] < 16 * 400, f"tokens generated per hang-up: {generated}"
