@@ -15,6 +15,14 @@ QBIN := $(QVENV)/bin
 QSTAMP := $(QVENV)/.moegi-installed
 # CPU torch where there is no NVIDIA driver; PyPI's default (CUDA) build otherwise.
 QTORCH ?= $(if $(shell command -v nvidia-smi 2>/dev/null),torch==2.13.0,torch==2.13.0+cpu)
+# The client tools (lm-evaluation-harness, LangChain, LiteLLM, guidellm, aiperf) pin their own
+# openai, pydantic and httpx: they get an environment of their own too, for the client suite
+# and `make eval`.
+CVENV ?= .venv-clients
+CBIN := $(CVENV)/bin
+CSTAMP := $(CVENV)/.moegi-installed
+CLIENTS := 'lm-eval[api]==0.4.13' 'langchain-openai==1.7.4' 'litellm==1.110.2' \
+	'guidellm==0.8.1' 'aiperf==0.13.0'
 MODEL ?=
 OUT ?=
 QARGS ?=
@@ -27,7 +35,7 @@ export HF_HUB_OFFLINE ?= 1
 export PIP_DISABLE_PIP_VERSION_CHECK ?= 1
 
 .PHONY: serve test lint unit integration install models clean quantize-env quantize test-quantize prometheus \
-	bench bench-moe bench-quantize
+	bench bench-moe bench-quantize clients-env eval
 
 install: $(STAMP)
 
@@ -46,6 +54,22 @@ $(QSTAMP): pyproject.toml
 	$(QBIN)/pip install -q -e '.[quantize]' '$(QTORCH)' 'pytest>=8' 'pytest-timeout>=2.3'
 	$(QBIN)/pip uninstall -q -y torchvision torchaudio torchcodec
 	touch $(QSTAMP)
+
+clients-env: $(CSTAMP)
+
+# lm-eval needs torch; the CPU build keeps the environment small (it only talks HTTP).
+$(CSTAMP): Makefile
+	test -x $(CBIN)/python || $(PYTHON) -m venv $(CVENV)
+	$(CBIN)/pip install -q $(CLIENTS) 'torch==2.13.0+cpu'
+	touch $(CSTAMP)
+
+# make eval ORIGINAL=path/to/model QUANTIZED=path/to/its-awq [TASKS=a,b] [EARGS="--limit 50"]
+ORIGINAL ?= tiny-chat-moe
+QUANTIZED ?= tiny-chat
+TASKS ?= moegi_mc_ja,moegi_mc_en
+EARGS ?=
+eval: $(STAMP) $(QSTAMP) $(CSTAMP)
+	$(BIN)/python -m evals.run --original $(ORIGINAL) --quantized $(QUANTIZED) --tasks $(TASKS) $(EARGS)
 
 # make quantize MODEL=path/to/merged-model OUT=path/to/out [QARGS="--calib my.jsonl"]
 quantize: $(QSTAMP)
@@ -68,19 +92,19 @@ serve: $(STAMP) $(QSTAMP)
 	$(BIN)/python -m serve --host $(HOST) --port $(PORT) $(ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check serve quantize chat_templates tests bench
+	$(BIN)/ruff check serve quantize chat_templates tests bench evals
 	$(BIN)/mypy
 
 unit: $(STAMP)
 	$(BIN)/python -m pytest -q tests/unit
 
-integration: $(STAMP) $(QSTAMP) prometheus models
+integration: $(STAMP) $(QSTAMP) $(CSTAMP) prometheus models
 	$(BIN)/python -m pytest -q tests/integration
 
 test-quantize: $(QSTAMP) models
 	$(QBIN)/python -m pytest -q tests/quantize
 
-test: lint models $(QSTAMP) prometheus
+test: lint models $(QSTAMP) $(CSTAMP) prometheus
 	$(QBIN)/python -m pytest -q tests/quantize
 	$(BIN)/python -m pytest -q tests
 
@@ -95,4 +119,4 @@ bench-quantize: $(STAMP) $(QSTAMP)
 	$(BIN)/python -m bench.quantize_memory
 
 clean:
-	rm -rf $(VENV) $(QVENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(QVENV) $(CVENV) .pytest_cache .mypy_cache .ruff_cache

@@ -69,6 +69,8 @@ def render_card(opts: Any, result: Any) -> str:
         "| Bits | 4 |",
         f"| Group size | {opts.group_size} |",
         "| Zero point | yes (asymmetric) |",
+        *([f"| Group ranges | `{opts.observer}` observer (llm-compressor) after AWQ scaling |"]
+          if opts.method == "awq" else []),
         f"| Not quantized | {kept} |",
         f"| Calibration data | {c.source} |",
         f"| Calibration samples | {len(c.samples)} sequences, {c.num_tokens} tokens, "
@@ -77,10 +79,12 @@ def render_card(opts: Any, result: Any) -> str:
         f"| Size on disk | {_size(result.size_bytes)} |",
         f"| Quantized on | {result.device}, {result.seconds:.0f} s, peak RSS "
         f"{result.peak_rss_gb:.1f} GiB |",
-        f"| Checked before publishing | mean KL {result.gate_kl:.4f} nats, top-1 agreement "
-        f"{result.gate_top1:.1%} against the original on held-out text, read back from these "
-        "files |",
+        f"| Checked before publishing | against the original on held-out text, read back "
+        f"from these files: {result.gate.figures()} |",
         "",
+        *([f"**Past moegi's quality limit, published on request (`--accept-quality-loss`)**: "
+           f"{result.gate.explain()}.", ""] if result.gate.verdict() != "pass" else []),
+        *([f"Group size: {result.group_note}.", ""] if result.group_note else []),
         "Every expert of a MoE model is calibrated on every calibration token "
         "(`moe_calibrate_all_experts`), and the router is compensated together with the experts "
         "when the post-attention norm is smoothed.",
@@ -105,10 +109,11 @@ def render_card(opts: Any, result: Any) -> str:
         "## Run it",
         "",
         "moegi (OpenAI-compatible API, EOS truncation, Japanese-safe streaming; on a CPU its vLLM "
-        "plugin runs 4-bit MoE experts):",
+        "plugin runs 4-bit MoE experts; vLLM reads the method from config.json and picks its "
+        "fastest kernel, Marlin on CUDA, so no `--quantization` flag is needed):",
         "",
         "```sh",
-        f"moegi-serve --model ./{name} --quantization {quant_method}",
+        f"moegi-serve --model ./{name}",
         "```",
         "",
         "vLLM:",
@@ -151,7 +156,8 @@ def render_card(opts: Any, result: Any) -> str:
 def write_card(folder: Path, opts: Any, result: Any) -> None:
     (folder / "README.md").write_text(render_card(opts, result), encoding="utf-8")
     meta = {"base_model": str(opts.model), "method": opts.method, "format": opts.format,
-            "group_size": opts.group_size, "calibration": result.calib.source,
+            "group_size": opts.group_size, "observer": opts.observer,
+            "calibration": result.calib.source,
             "calibration_samples": len(result.calib.samples),
             "calibration_tokens": result.calib.num_tokens, "seq_len": result.calib.seq_len,
             "llmcompressor": _version("llmcompressor")}

@@ -2,6 +2,7 @@
 
     moegi-quantize MODEL_DIR OUT_DIR [--format awq-gemm|compressed-tensors] [--calib FILE.jsonl]
                    [--num-samples N] [--seq-len L] [--group-size G] [--overwrite]
+                   [--accept-quality-loss]
     moegi-quantize verify OUT_DIR --original MODEL_DIR [--eval FILE.jsonl]
 
 MODEL_DIR may also name one of the project's tiny test models (tiny-mixtral, tiny-text, ...).
@@ -40,7 +41,19 @@ def quantize_parser() -> argparse.ArgumentParser:
                    "default: the built-in Japanese + English set")
     p.add_argument("--num-samples", type=int, default=128)
     p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--group-size", type=int, default=128)
+    p.add_argument("--group-size", type=int, default=None,
+                   help="inputs per scale and zero point; default 128, or the largest size "
+                        "that divides the model's layer widths and that every serving kernel "
+                        "runs (64 for a hidden size of 576)")
+    p.add_argument("--observer", choices=tuple(runner.OBSERVERS), default=runner.DEFAULT_OBSERVER,
+                   help="how each group's range is set after AWQ scaling: imatrix (default) "
+                        "searches the clipping with the least activation-weighted error, as "
+                        "AutoAWQ's auto_clip does; mse the least weight error; minmax takes the "
+                        "extremes")
+    p.add_argument("--accept-quality-loss", action="store_true",
+                   help="publish a checkpoint that beats round-to-nearest but exceeds the "
+                        "quality limit (a model sensitive to 4 bits); the card says so. A run "
+                        "the gate refused goes on from OUT.resume/ without a new AWQ search")
     p.add_argument("--max-shard-gb", type=float, default=1.0,
                    help="largest shard written, in GiB (default 1); llm-compressor's save "
                         "holds one shard of its files in memory, so this bounds that step")
@@ -53,6 +66,8 @@ def verify_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", type=Path)
     p.add_argument("--original", required=True, help="the unquantized model folder")
     p.add_argument("--eval", type=Path, help="held-out JSONL; default: the built-in ja+en text")
+    p.add_argument("--accept-quality-loss", action="store_true",
+                   help="pass a checkpoint that beats round-to-nearest but exceeds the limits")
     return p
 
 
@@ -73,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
 
             v = verify_parser().parse_args(args[1:])
             try:
-                report = verify(v.checkpoint, _model_path(v.original), v.eval)
+                report = verify(v.checkpoint, _model_path(v.original), v.eval,
+                                v.accept_quality_loss)
             except VerifyError as exc:
                 print(f"verify FAILED: {exc}", file=sys.stderr)
                 return 1
@@ -81,8 +97,11 @@ def main(argv: list[str] | None = None) -> int:
             print("verify passed")
             return 0
         a = quantize_parser().parse_args(args)
-        opts = runner.Options(_model_path(a.model), a.out, a.format, a.method, a.calib,
-                              a.num_samples, a.seq_len, a.group_size, a.overwrite, a.max_shard_gb)
+        opts = runner.Options(
+            model=_model_path(a.model), out=a.out, format=a.format, method=a.method,
+            calib=a.calib, num_samples=a.num_samples, seq_len=a.seq_len,
+            group_size=a.group_size, overwrite=a.overwrite, max_shard_gb=a.max_shard_gb,
+            accept_quality_loss=a.accept_quality_loss, observer=a.observer)
         result = runner.quantize(opts)
     except (runner.QuantizeError, UnsupportedArchitecture, CalibrationError) as exc:
         print(f"moegi-quantize: {exc}", file=sys.stderr)

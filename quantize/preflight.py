@@ -27,8 +27,60 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 _KEPT = re.compile(r"(embed_tokens|lm_head|norm|\.gate\.weight$|\.bias$)")
 
 
+# Group sizes the serving kernels run: moegi's CPU MoE plugin (PyTorch's int4 kernel takes
+# 32, 64, 128, 256) and vLLM's Marlin kernels on CUDA (`MARLIN_SUPPORTED_GROUP_SIZES`: 32, 64,
+# 128, or -1 for one group per row, which AWQ checkpoints do not use).
+SERVABLE_GROUPS = (32, 64, 128, 256)
+MARLIN_GROUPS = (32, 64, 128)
+DEFAULT_GROUP = 128
+
+
 class QuantizeError(ValueError):
     pass
+
+
+def layer_widths(config: dict[str, Any]) -> list[int]:
+    """The input widths of the quantized linears: hidden (q/k/v, gate/up, experts' w1/w3),
+    intermediate (down, w2) and the attention output (o_proj reads heads x head_dim)."""
+    hidden = config.get("hidden_size")
+    heads = config.get("num_attention_heads")
+    head_dim = config.get("head_dim") or (hidden // heads if hidden and heads else None)
+    widths = {hidden, config.get("intermediate_size"),
+              heads * head_dim if heads and head_dim else None}
+    return sorted(int(w) for w in widths if w)
+
+
+def choose_group_size(config: dict[str, Any], requested: int | None) -> tuple[int, str | None]:
+    """(group size, a note for the summary and the card, or None). Refuses a size the serving
+    kernels cannot run or that does not tile the layers, naming the sizes that would."""
+    widths = layer_widths(config)
+    fits = [g for g in SERVABLE_GROUPS if all(w % g == 0 for w in widths)]
+    if requested is None:
+        marlin = [g for g in fits if g in MARLIN_GROUPS and g <= DEFAULT_GROUP]
+        if not marlin:
+            raise QuantizeError(f"no group size the serving kernels run ({SERVABLE_GROUPS}) "
+                                f"divides this model's layer widths {widths}")
+        chosen = max(marlin)
+        note = None if chosen == DEFAULT_GROUP else (
+            f"group size {chosen}: the default {DEFAULT_GROUP} does not divide the layer widths "
+            f"{widths}; {chosen} is the largest that does and that every serving kernel runs")
+        return chosen, note
+    if requested not in SERVABLE_GROUPS:
+        raise QuantizeError(f"--group-size {requested}: the serving kernels run group sizes "
+                            f"{', '.join(map(str, SERVABLE_GROUPS))} only (vLLM's Marlin on "
+                            f"CUDA: {', '.join(map(str, MARLIN_GROUPS))}); for this model use "
+                            f"{' or '.join(map(str, fits)) or 'none: no size fits'}")
+    if requested not in fits:
+        raise QuantizeError(f"--group-size {requested} must divide the layer widths {widths}; "
+                            f"sizes that do and that the serving kernels run: "
+                            f"{', '.join(map(str, fits)) or 'none'}"
+                            + (f" (leave --group-size out to get {max(g for g in fits if g <= 128)})"
+                               if any(g <= 128 for g in fits) else ""))
+    if requested not in MARLIN_GROUPS:
+        return requested, (f"group size {requested} runs on moegi's CPU plugin but not on vLLM's "
+                           f"Marlin kernels (CUDA: {', '.join(map(str, MARLIN_GROUPS))}), where "
+                           "the checkpoint falls back to slower kernels or fails")
+    return requested, None
 
 
 @dataclass
@@ -37,9 +89,11 @@ class Plan:
     config: dict[str, Any]
     model_bytes: int  # the checkpoint's tensors on disk
     out_bytes: int  # the estimated output
+    group_size: int
+    group_note: str | None  # why the group size is not the default, or where it does not run
 
 
-def _tensor_sizes(model: Path) -> tuple[int, int]:
+def _tensor_sizes(model: Path, group_size: int) -> tuple[int, int]:
     """(bytes on disk, estimated bytes of the 4-bit output), from the shards' headers only."""
     on_disk = out = 0
     for shard in sorted(model.glob("*.safetensors")):
@@ -52,8 +106,8 @@ def _tensor_sizes(model: Path) -> tuple[int, int]:
                 size = {"F32": 4, "F16": 2, "BF16": 2}.get(t.get_dtype(), 4)
                 on_disk += n * size
                 kept = _KEPT.search(key) or len(t.get_shape()) < 2
-                # 4 bits a weight, and per group of 128: an fp16 scale and a 4-bit zero point.
-                out += n * 2 if kept else n // 2 + n * 5 // (2 * 128)
+                # 4 bits a weight, and per group: an fp16 scale and a 4-bit zero point.
+                out += n * 2 if kept else n // 2 + n * 5 // (2 * group_size)
     return on_disk, out
 
 
@@ -61,7 +115,8 @@ def _same_or_nested(a: Path, b: Path) -> bool:
     return a == b or a.is_relative_to(b) or b.is_relative_to(a)
 
 
-def check(model: Path, out: Path, *, fmt: str, group_size: int, num_samples: int, seq_len: int,
+def check(model: Path, out: Path, *, fmt: str, group_size: int | None, num_samples: int,
+          seq_len: int,
           calib: Path | None, overwrite: bool, max_shard_gb: float = 1.0) -> Plan:
     """Fail before any heavy work: paths, architecture, options, tokenizer, space, writability."""
     if not (model / "config.json").is_file():
@@ -78,11 +133,7 @@ def check(model: Path, out: Path, *, fmt: str, group_size: int, num_samples: int
         raise QuantizeError(f"--calib {calib}: no such file")
     config = json.loads((model / "config.json").read_text())
     spec = mappings.for_config(config)
-    # Every quantized layer reads hidden_size or intermediate_size inputs; groups must tile them.
-    widths = {config.get("hidden_size"), config.get("intermediate_size")} - {None}
-    if group_size < 8 or any(int(w) % group_size for w in widths):
-        raise QuantizeError(f"--group-size {group_size} must divide the layer widths "
-                            f"{sorted(widths)}; 128 (the default) fits Llama, Mistral and Mixtral")
+    group_size, group_note = choose_group_size(config, group_size)
     src, dst = model.resolve(), out.resolve()
     if _same_or_nested(src, dst):
         where = ("the model folder" if src == dst else "inside the model folder"
@@ -98,7 +149,7 @@ def check(model: Path, out: Path, *, fmt: str, group_size: int, num_samples: int
     if not list(model.glob("*.safetensors")):
         raise QuantizeError(f"{model} has no .safetensors weights: save the model with "
                             "safe_serialization (transformers' default) first")
-    model_bytes, out_bytes = _tensor_sizes(model)
+    model_bytes, out_bytes = _tensor_sizes(model, group_size)
     parent = dst.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
@@ -119,4 +170,4 @@ def check(model: Path, out: Path, *, fmt: str, group_size: int, num_samples: int
                             f"{need * 1.1 / 2**30:.1f} GiB there for the offloaded model, the "
                             f"resume state and the output ({out_bytes / 2**30:.1f} GiB, written "
                             "twice before the rename): free some space or choose another --out")
-    return Plan(spec, config, model_bytes, out_bytes)
+    return Plan(spec, config, model_bytes, out_bytes, group_size, group_note)

@@ -6,13 +6,15 @@ The output appears only when everything succeeded: the run writes into a hidden 
 finished checkpoint, and SIGTERM (`docker stop`, `timeout`) cleans the hidden folder up like
 Ctrl-C does. Before the rename, the repacked tensors are checked bit for bit against
 llm-compressor's, and the written checkpoint goes through a quality gate: a forward pass on a
-few held-out sequences, read back from the files, must agree with the original's
-(`verify.quick_agreement`); a checkpoint that is far off is not published.
+few held-out sequences, read back from the files, is compared with the original's and with
+round-to-nearest's (`verify.gate`): a checkpoint worse than round-to-nearest is not published; one
+that beats it but is past the absolute limit is published only with --accept-quality-loss.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import os
 import resource
@@ -33,6 +35,16 @@ from quantize.preflight import FORMATS, QuantizeError
 __all__ = ["FORMATS", "Options", "QuantizeError", "Result", "quantize"]
 
 
+# How each group's range is set once AWQ has scaled the weights (llm-compressor's observers):
+# "minmax" takes the group's extremes; "mse" searches the clipped range with the least weight
+# error; "imatrix" searches it with the error weighted by each input channel's mean squared
+# activation on the calibration data, the output-aware clipping AutoAWQ calls auto_clip.
+# Measured on SmolLM2-135M (group 64, 32 x 256 calibration tokens), mean KL on held-out text
+# against round-to-nearest's: minmax 0.57x, mse 0.57x, imatrix 0.51x (README: Quantize).
+OBSERVERS = {"minmax": "memoryless_minmax", "mse": "memoryless_mse", "imatrix": "imatrix_mse"}
+DEFAULT_OBSERVER = "imatrix"
+
+
 @dataclass
 class Options:
     model: Path
@@ -42,9 +54,11 @@ class Options:
     calib: Path | None = None
     num_samples: int = 128
     seq_len: int = 512
-    group_size: int = 128
+    group_size: int | None = None  # None: the largest size every serving kernel runs that fits
     overwrite: bool = False
     max_shard_gb: float = 1.0  # llm-compressor's save holds one shard in memory
+    accept_quality_loss: bool = False  # publish a checkpoint that beats RTN but passes the limit
+    observer: str = DEFAULT_OBSERVER  # OBSERVERS: how each group's range is set after scaling
 
 
 @dataclass
@@ -57,19 +71,22 @@ class Result:
     peak_gpu_gb: float | None
     device: str
     size_bytes: int
-    gate_kl: float
-    gate_top1: float
+    gate: verify.Gate
+    group_note: str | None = None
     report: checkpoint.WriteReport | None = None
 
 
-def recipe(spec: ArchSpec, method: str, group_size: int) -> list[Any]:
+
+def recipe(spec: ArchSpec, method: str, group_size: int, observer: str = "minmax") -> list[Any]:
     from llmcompressor.modifiers.quantization import QuantizationModifier
     from llmcompressor.modifiers.transform.awq import AWQModifier
 
+    # Round-to-nearest is the plain baseline: min-max ranges, whatever --observer says.
     quant = QuantizationModifier(ignore=list(spec.ignore), config_groups={"group_0": {
         "targets": ["Linear"],
         "weights": {"num_bits": 4, "type": "int", "symmetric": False, "strategy": "group",
-                    "group_size": group_size},
+                    "group_size": group_size,
+                    "observer": OBSERVERS["minmax" if method == "rtn" else observer]},
     }})
     if method == "rtn":
         return [quant]
@@ -103,7 +120,7 @@ def fingerprint(opts: Options) -> dict[str, Any]:
 
     return {"model": str(opts.model.resolve()), "config": digest(opts.model / "config.json"),
             "calib": digest(opts.calib), "method": opts.method, "group_size": opts.group_size,
-            "num_samples": opts.num_samples, "seq_len": opts.seq_len}
+            "num_samples": opts.num_samples, "seq_len": opts.seq_len, "observer": opts.observer}
 
 
 def _peaks() -> tuple[float, float | None]:
@@ -136,6 +153,9 @@ def quantize(opts: Options) -> Result:
     plan = preflight.check(opts.model, opts.out, fmt=opts.format, group_size=opts.group_size,
                            num_samples=opts.num_samples, seq_len=opts.seq_len, calib=opts.calib,
                            overwrite=opts.overwrite, max_shard_gb=opts.max_shard_gb)
+    opts = dataclasses.replace(opts, group_size=plan.group_size)
+    if plan.group_note:
+        print(f"moegi-quantize: {plan.group_note}", file=sys.stderr)
     start = time.monotonic()
     resume = pipeline.Resume(opts.out.parent / f"{opts.out.name}.resume", fingerprint(opts))
     try:
@@ -193,7 +213,7 @@ def _run(opts: Options, plan: preflight.Plan, resume: pipeline.Resume, work: Pat
     pipeline.ACTIVE = resume
     try:
         oneshot(model=model, dataset=calib.dataset(),
-                recipe=recipe(spec, opts.method, opts.group_size),
+                recipe=recipe(spec, opts.method, plan.group_size, opts.observer),
                 num_calibration_samples=len(calib.samples), max_seq_length=opts.seq_len,
                 shuffle_calibration_samples=False,
                 pipeline="moegi_resumable" if opts.method == "awq" else None)
@@ -212,29 +232,31 @@ def _run(opts: Options, plan: preflight.Plan, resume: pipeline.Resume, work: Pat
 
     layers = int(plan.config["num_hidden_layers"])
     with tqdm(total=layers, desc="Repacking to AWQ GEMM", unit="layer") as bar:
-        report = checkpoint.write_gemm(ct_dir, gemm_dir, spec, opts.group_size,
+        report = checkpoint.write_gemm(ct_dir, gemm_dir, spec, plan.group_size,
                                        shard_bytes, bar)
     checkpoint.check_repack(ct_dir, gemm_dir, spec)
     checkpoint.copy_tokenizer(opts.model, gemm_dir, template)
     try:
-        kl, top1 = verify.quick_agreement(gemm_dir, opts.model, tok)
+        gate = verify.gate(gemm_dir, opts.model, tok, plan.group_size)
     except (KeyError, RuntimeError) as exc:  # a tensor under a name no reader maps
         raise QuantizeError(f"the written checkpoint does not read back as a "
                             f"{spec.architecture} ({exc}); it was not published") from exc
-    if kl > verify.MAX_MEAN_KL:
+    verdict = gate.verdict()
+    if verdict == verify.BROKEN or (verdict == verify.SENSITIVE and not opts.accept_quality_loss):
+        resumable = opts.method == "awq"
         raise QuantizeError(
-            f"the written checkpoint is far from the original: mean KL {kl:.3f} nats "
-            f"(limit {verify.MAX_MEAN_KL}), top-1 agreement {top1:.1%} on "
-            f"{verify.GATE_SEQUENCES} held-out sequences; it was not published. A "
-            "misread layer does this: check that the model loads in transformers and "
-            "report its tensor names")
+            f"{gate.explain()}. Measured on {verify.GATE_SEQUENCES} held-out sequences; the "
+            "checkpoint was not published" + (
+                f". The quantized layers are kept in {resume.folder}: the same command "
+                "(with --accept-quality-loss or not) goes on from there without repeating the "
+                "AWQ search" if resumable and verdict == verify.SENSITIVE else ""))
     stage = gemm_dir
     if opts.format == "compressed-tensors":
         stage = ct_dir
         checkpoint.copy_tokenizer(opts.model, stage, template)
     rss, gpu = _peaks()
     result = Result(opts.out, spec, calib, time.monotonic() - start, rss, gpu,
-                    compat.device_name(), checkpoint.dir_size(stage), kl, top1,
+                    compat.device_name(), checkpoint.dir_size(stage), gate, plan.group_note,
                     report if opts.format == "awq-gemm" else None)
     from quantize.card import write_card
 
@@ -264,5 +286,7 @@ def write_summary(result: Result) -> str:
     gpu = f", peak GPU {result.peak_gpu_gb:.1f} GiB" if result.peak_gpu_gb is not None else ""
     return (f"wrote {result.out} ({result.size_bytes / 2**20:.1f} MiB) in {result.seconds:.1f} s "
             f"on {result.device}; peak RSS {result.peak_rss_gb:.2f} GiB{gpu}; checked against "
-            f"the original: mean KL {result.gate_kl:.4f} nats, top-1 {result.gate_top1:.1%}")
+            f"the original: {result.gate.figures()}"
+            + ("; PUBLISHED PAST THE QUALITY LIMIT (--accept-quality-loss)"
+               if result.gate.verdict() != verify.PASS else ""))
 

@@ -44,7 +44,7 @@ from serve.serving import SSE_DONE, ServedModel
 from serve.serving_chat import chat_completion
 from serve.serving_completion import completion
 from serve.serving_responses import ResponseStream, create_response
-from serve.serving_tokens import detokenize, tokenize
+from serve.serving_tokens import detokenize, tokenize, tokenizer_info
 
 log = logging.getLogger(__name__)
 
@@ -265,5 +265,10 @@ def create_app(state: AppState) -> FastAPI:
     async def detokenize_route(req: DetokenizeRequest) -> dict[str, Any]:
         _, model = state.ready()
         return await detokenize(model, req)
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info_route() -> dict[str, Any]:
+        _, model = state.ready()
+        return tokenizer_info(model)
 
     return app

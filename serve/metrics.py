@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
 # Label values are bounded: unknown paths are counted as "other" (scanners, typos).
 ROUTES = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/models",
-                    "/tokenize", "/detokenize", "/version"})
+                    "/tokenize", "/detokenize", "/tokenizer_info", "/version"})
 UNMETERED = frozenset({"/metrics", "/health"})
 
 _LATENCY = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0)

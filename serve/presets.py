@@ -8,13 +8,17 @@ fields override all of these per request.
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
 from typing import Any
 
 import chat_templates
 from chat_templates.presets import PRESETS, Preset, config_name, match
 from serve.config import Limits, Settings
 from serve.serving import ServedModel
-from serve.stops import StopPolicy
+from serve.stops import EosSources, StopPolicy
+
+log = logging.getLogger("moegi")
 
 __all__ = ["PRESETS", "Preset", "match", "pick_preset", "resolve"]
 
@@ -45,8 +49,13 @@ def resolve(settings: Settings, tokenizer: Any, name: str, max_model_len: int) -
         template_name, source = chat_templates.load(preset.template)
     in_use = source or getattr(tokenizer, "chat_template", None)
     markers = chat_templates.turn_markers(in_use) if isinstance(in_use, str) else ()
+    folder = Path(settings.model)
+    eos = EosSources.of(tokenizer, folder if folder.is_dir() else None,
+                        in_use if isinstance(in_use, str) else None)
+    if warning := eos.disagreement(tokenizer):
+        log.warning("%s", warning)
     stops = StopPolicy.for_tokenizer(tokenizer, (*(preset.stop if preset else ()), *markers),
-                                     eos_truncation=settings.eos_truncation)
+                                     eos_truncation=settings.eos_truncation, eos=eos)
     trim = settings.sentence_trim
     if trim is None:
         trim = bool(preset and preset.sentence_trim)

@@ -33,7 +33,11 @@ Seed = Annotated[int, Field(ge=-INT64, lt=INT64, description="Any signed 64-bit 
 
 
 class StreamOptions(BaseModel):
-    include_usage: bool = False
+    include_usage: bool = Field(False, description="End the stream with a usage chunk "
+                                "(empty choices).")
+    continuous_usage_stats: bool = Field(
+        False, description="Extension (as vLLM's; guidellm sends it): with include_usage, "
+        "every chunk also carries the usage so far.")
 
 
 class TextPart(BaseModel):
@@ -147,11 +151,21 @@ class SamplingRequest(BaseModel):
     def stop_list(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
+    def scoring(self) -> bool:
+        """A request that scores text rather than asks for a reply (completions `echo` with
+        `logprobs`, as lm-evaluation-harness's loglikelihood sends): it gets the engine's
+        tokens as they are, so EOS truncation and sentence trim default to off for it."""
+        return False
+
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
 
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
+
+    def continuous_usage(self) -> bool:
+        return self.include_usage() and bool(self.stream_options
+                                             and self.stream_options.continuous_usage_stats)
 
     def structured(self) -> tuple[dict[str, Any] | None, bool]:
         """(JSON schema, any JSON object) the reply must follow; (None, False) for free text."""
@@ -164,7 +178,8 @@ class SamplingRequest(BaseModel):
         return fmt.json_schema.schema_, False
 
     def to_spec(self, max_tokens: int, stop: tuple[str, ...], logprobs: int | None,
-                prompt_logprobs: int | None = None) -> SamplingSpec:
+                prompt_logprobs: int | None = None, eos_ids: tuple[int, ...] = ()
+                ) -> SamplingSpec:
         schema, json_object = self.structured()
         return SamplingSpec(
             max_tokens=max_tokens,
@@ -178,7 +193,8 @@ class SamplingRequest(BaseModel):
             frequency_penalty=self.frequency_penalty,
             repetition_penalty=self.repetition_penalty,
             stop=stop,
-            stop_token_ids=tuple(self.stop_token_ids or ()),
+            # The model's EOS ids beyond the tokenizer's, which vLLM alone would not stop on.
+            stop_token_ids=tuple(dict.fromkeys((*(self.stop_token_ids or ()), *eos_ids))),
             ignore_eos=self.ignore_eos,
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
@@ -246,6 +262,9 @@ class CompletionRequest(SamplingRequest):
         if isinstance(self.prompt, list) and not self.prompt:
             raise ValueError("'prompt' is empty: send a string or a non-empty list")
         return self
+
+    def scoring(self) -> bool:
+        return self.echo and self.logprobs is not None
 
     def prompts(self) -> list[str | list[int]]:
         """The batch as a list of text or token-id prompts."""

@@ -15,7 +15,7 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -204,6 +204,7 @@ class Gating:
     trim: bool
     droppable: tuple[str, ...]
     tokens: bool
+    eos_ids: tuple[int, ...] = ()  # every EOS the model declares (stops.EosSources)
 
     @classmethod
     def of(cls, model: ServedModel, req: SamplingRequest, tokens: bool) -> Gating:
@@ -212,10 +213,18 @@ class Gating:
         # inside a JSON string would cut it into invalid JSON, so EOS truncation's stops and
         # sentence trim are off. The user's own stop strings still apply.
         constrained = schema is not None or json_object
-        eos = False if constrained else req.eos_truncation
-        trim = model.sentence_trim if req.sentence_trim is None else req.sentence_trim
+        # A scoring request (echo + logprobs) reads one logprob per prompt token and then the
+        # generated ones: cutting a generated token that begins "</s>" would shift them
+        # (lm-eval sums token_logprobs[ctxlen:-1]), so it gets the engine's tokens unless it
+        # asks for truncation itself.
+        scoring = req.scoring()
+        eos = False if constrained else (
+            False if scoring and req.eos_truncation is None else req.eos_truncation)
+        trim = (model.sentence_trim and not scoring) if req.sentence_trim is None \
+            else req.sentence_trim
         return cls(model.stops.strings(req.stop_list(), eos), req.include_stop_str_in_output,
-                   trim and not constrained, model.stops.policy_strings, tokens)
+                   trim and not constrained, model.stops.policy_strings, tokens,
+                   () if req.ignore_eos else model.stops.eos_ids)
 
 
 class Run:
@@ -317,13 +326,18 @@ class SSEFrames:
     pydantic object or dict is made per token on the hot path.
     """
 
-    def __init__(self, request_id: str, obj: str, model: str, include_usage: bool) -> None:
+    def __init__(self, request_id: str, obj: str, model: str, include_usage: bool,
+                 running: Callable[[], Usage] | None = None) -> None:
         self.head = (f'data: {{"id":"{request_id}","object":"{obj}","created":{int(time.time())},'
                      f'"model":{json.dumps(model)},"choices":[')
         self.tail = "],\"usage\":null}\n\n" if include_usage else "]}\n\n"
         self.include_usage = include_usage
+        self.running = running  # continuous_usage_stats: the usage so far, in every chunk
 
     def chunk(self, choice_json: str) -> str:
+        if self.running is not None:
+            return (self.head + choice_json + '],"usage":'
+                    + json.dumps(self.running().as_dict()) + "}\n\n")
         return self.head + choice_json + self.tail
 
     def usage(self, usage: Usage) -> str:

@@ -22,6 +22,7 @@ from serve.serving import (
     Run,
     ServedModel,
     SSEFrames,
+    Usage,
     bytes_text,
     check_request,
     collect,
@@ -104,7 +105,7 @@ async def chat_completion(
                                      req.continue_final_message)
     max_tokens = model.check_length(len(prompt_ids), req.requested_max_tokens())
     gating = Gating.of(model, req, tokens=req.logprobs or req.return_token_ids)
-    spec = req.to_spec(max_tokens, gating.stops, req.logprobs_k())
+    spec = req.to_spec(max_tokens, gating.stops, req.logprobs_k(), eos_ids=gating.eos_ids)
     run = Run(engine, model, prompt_ids, spec, new_id("chatcmpl"), gating)
     if req.stream:
         return _stream(model, req, run)
@@ -131,7 +132,10 @@ def _choice(model: ServedModel, req: ChatCompletionRequest, e: ChoiceEvent,
 
 
 async def _stream(model: ServedModel, req: ChatCompletionRequest, run: Run) -> AsyncIterator[str]:
-    frames = SSEFrames(run.request_id, "chat.completion.chunk", model.name, req.include_usage())
+    running = ((lambda: Usage(len(run.prompt_ids), run.usage.completion_tokens))
+               if req.continuous_usage() else None)
+    frames = SSEFrames(run.request_id, "chat.completion.chunk", model.name, req.include_usage(),
+                       running)
     ids = req.return_token_ids
     first = f',"prompt_token_ids":{json.dumps(run.prompt_ids)}' if ids else ""
     for i in range(req.n):

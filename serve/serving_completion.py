@@ -126,7 +126,8 @@ async def completion(
         ids = await _encode(model, text)
         max_tokens = model.check_length(len(ids), req.requested_max_tokens(), "prompt")
         echo_lps = req.logprobs if req.echo and req.logprobs is not None else None
-        spec = req.to_spec(max_tokens, gating.stops, req.logprobs, echo_lps)
+        spec = req.to_spec(max_tokens, gating.stops, req.logprobs, echo_lps,
+                           gating.eos_ids)
         echo = model.tokenizer.decode(ids, skip_special_tokens=True) if req.echo else ""
         prompts.append(Prompt(i, ids, Run(engine, model, ids, spec, f"{request_id}-{i}", gating),
                               echo))
@@ -154,7 +155,10 @@ def _choice(model: ServedModel, req: CompletionRequest, p: Prompt, e: ChoiceEven
 
 async def _stream(model: ServedModel, req: CompletionRequest, request_id: str,
                   prompts: list[Prompt]) -> AsyncIterator[str]:
-    frames = SSEFrames(request_id, "text_completion", model.name, req.include_usage())
+    running = ((lambda: Usage(sum(len(p.ids) for p in prompts),
+                              sum(p.run.usage.completion_tokens for p in prompts)))
+               if req.continuous_usage() else None)
+    frames = SSEFrames(request_id, "text_completion", model.name, req.include_usage(), running)
     first = {(p.index, i) for p in prompts for i in range(req.n)}  # (prompt, choice) not yet sent
     async for p, events in merge(prompts):
         for e in events:

@@ -63,7 +63,7 @@ async def _run(engine: Engine, model: ServedModel, req: ResponsesRequest) -> Run
     prompt_ids = await render_prompt(model, req.messages())
     max_tokens = model.check_length(len(prompt_ids), req.requested_max_tokens(), "input")
     gating = Gating.of(model, req, tokens=False)
-    spec = req.to_spec(max_tokens, gating.stops, None)
+    spec = req.to_spec(max_tokens, gating.stops, None, eos_ids=gating.eos_ids)
     return Run(engine, model, prompt_ids, spec, new_id("resp"), gating)
 
 

@@ -3,6 +3,9 @@
 `/tokenize` takes a `prompt` (BOS added, as /v1/completions does) or `messages` (rendered by
 the served chat template, exactly the prompt /v1/chat/completions would run) and answers
 `{count, max_model_len, tokens[, token_strs]}`; `/detokenize` turns `tokens` back into text.
+`GET /tokenizer_info` describes the tokenizer as vLLM's server does (its `init_kwargs` without
+file paths, `tokenizer_class`, the chat template in use): lm-evaluation-harness's default
+tokenizer backend asks for it, and without it loads a tokenizer from the hub by model name.
 """
 
 from __future__ import annotations
@@ -48,3 +51,29 @@ async def detokenize(model: ServedModel, req: DetokenizeRequest) -> dict[str, An
         raise APIError(f"'tokens' must be token ids in [0, {vocab})", 400, "tokens")
     text = await asyncio.to_thread(model.tokenizer.decode, req.tokens)
     return {"prompt": text}
+
+
+def _plain(value: Any) -> Any:
+    """JSON-safe: AddedToken -> its text; containers recursively; anything else as a string."""
+    if hasattr(value, "content"):
+        return value.content
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value if value is None or isinstance(value, str | int | float | bool) else str(value)
+
+
+def tokenizer_info(model: ServedModel) -> dict[str, Any]:
+    tok = model.tokenizer
+    info: dict[str, Any] = {k: _plain(v) for k, v in (getattr(tok, "init_kwargs", None) or {}
+                                                     ).items()
+                            if k not in ("vocab_file", "merges_file", "tokenizer_file",
+                                         "name_or_path")}
+    for key in ("bos_token", "eos_token", "pad_token", "unk_token"):
+        info.setdefault(key, getattr(tok, key, None))
+    info["tokenizer_class"] = type(tok).__name__
+    template = model.chat_template or getattr(tok, "chat_template", None)
+    if template:
+        info["chat_template"] = template
+    return info

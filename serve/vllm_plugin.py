@@ -84,6 +84,44 @@ def to_scales_and_zeros(scales: torch.Tensor, qzeros: torch.Tensor) -> torch.Ten
     return torch.stack([s, (8 - z) * s], dim=-1).to(torch.bfloat16)
 
 
+# Group sizes PyTorch's CPU int4 kernel runs ("expect qGroupSize to be 32, 64, 128 or 256").
+KERNEL_GROUPS = (32, 64, 128, 256)
+
+
+class UnsupportedLayer(ValueError):
+    """A checkpoint or split the CPU experts cannot run, found before any weight is loaded."""
+
+
+def check_layer(group_size: int, version: str, hidden: int, intermediate: int, tp_size: int,
+                use_ep: bool) -> None:
+    """Refuse, at construction (before the load), what would otherwise fail at warm-up inside
+    the kernel, with a message naming the fix. `intermediate` is the whole expert's width; a
+    tensor-parallel rank holds `intermediate / tp_size` of it, which the groups must tile."""
+    if version.lower() != "gemm":
+        raise UnsupportedLayer(f"AWQ version {version!r}: moegi's CPU experts read the GEMM layout "
+                               "only (quantize the model again with moegi-quantize, which writes "
+                               "version gemm)")
+    if group_size not in KERNEL_GROUPS:
+        raise UnsupportedLayer(f"AWQ group size {group_size}: the CPU int4 kernel runs group sizes "
+                               f"{', '.join(map(str, KERNEL_GROUPS))} only; quantize again with "
+                               "moegi-quantize --group-size 128 (or 64, 32)")
+    if use_ep:
+        raise UnsupportedLayer("moegi's CPU AWQ MoE experts do not support expert parallelism: "
+                               "leave --enable-expert-parallel out (tensor or pipeline parallel "
+                               "split the experts instead)")
+    if hidden % group_size:
+        raise UnsupportedLayer(f"hidden size {hidden} is not a multiple of the AWQ group size "
+                               f"{group_size}")
+    if intermediate % tp_size or (intermediate // tp_size) % group_size:
+        fits = [t for t in range(1, tp_size + 1)
+                if intermediate % t == 0 and (intermediate // t) % group_size == 0]
+        raise UnsupportedLayer(
+            f"--tensor-parallel-size {tp_size} gives each rank {intermediate / tp_size:g} of the "
+            f"experts' {intermediate} intermediate channels, not a whole number of AWQ groups of "
+            f"{group_size}: use --tensor-parallel-size {' or '.join(map(str, fits))}, or "
+            "--pipeline-parallel-size to split by layers")
+
+
 class CPUExperts:
     """One MoE layer's experts in torch's CPU int4 layout (4-bit) and the expert computation."""
 
@@ -193,6 +231,9 @@ def _method_class() -> type:
             if moe.activation != MoEActivation.SILU:
                 raise NotImplementedError(f"moegi's CPU AWQ MoE experts support SiLU only, "
                                           f"not {moe.activation}")
+            check_layer(quant_config.group_size,
+                        str(quant_config.full_config.get("version", "gemm")), moe.hidden_dim,
+                        moe.intermediate_size, moe.tp_size, moe.moe_parallel_config.use_ep)
 
         def process_weights_after_loading(self, layer: Any) -> None:
             # The kernel-layout tensors replace the loaded ones in the layer's parameters: one
@@ -214,9 +255,9 @@ def _method_class() -> type:
                   topk_ids: torch.Tensor, shared_experts: Any,
                   shared_experts_input: torch.Tensor | None) -> torch.Tensor:
             assert self.processed, "weights were not processed after loading"
-            if layer.expert_map is not None:
-                raise NotImplementedError("moegi's CPU AWQ MoE experts do not support expert "
-                                          "parallelism")
+            if shared_experts is not None:  # Mixtral has none; a family with them is not run
+                raise NotImplementedError("moegi's CPU AWQ MoE experts do not run shared "
+                                          "experts")
             out: torch.Tensor = torch.ops.moegi.awq_moe_cpu(
                 x, topk_weights, topk_ids, layer.w13_qweight, layer.w13_scales,
                 layer.w2_qweight, layer.w2_scales,

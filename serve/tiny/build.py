@@ -118,6 +118,24 @@ def _tiny_text(out: Path) -> None:
     train_text_model(out)
 
 
+def _smollm2(out: Path) -> None:
+    from serve.tiny.real import build_smollm2
+
+    build_smollm2(out, cache_root())
+
+
+def _smollm2_moe(out: Path) -> None:
+    from serve.tiny.real import build_smollm2_moe
+
+    build_smollm2_moe(out, ensure_model("smollm2"))
+
+
+def _smollm2_moe_awq(out: Path) -> None:
+    from serve.tiny.real import build_awq
+
+    build_awq(out, ensure_model("smollm2-moe"))
+
+
 @dataclass(frozen=True)
 class Builder:
     build: Callable[[Path], None]
@@ -127,19 +145,27 @@ class Builder:
 
 
 _TRAIN = (HERE / "train.py", HERE / "instructions.json", HERE / "shapes.py")
+# The quantizer's code and data are inputs of the models it makes: a change re-quantizes them.
+_QUANTIZER = (*sorted(QUANTIZE_DIR.glob("*.py")), *sorted(QUANTIZE_DIR.glob("*.json")),
+              *sorted(QUANTIZE_DIR.glob("data/*.jsonl")))
 BUILDERS: dict[str, Builder] = {
     "tiny-llama": Builder(_random("llama"), (HERE / "shapes.py",)),
     "tiny-mixtral": Builder(_random("mixtral"), (HERE / "shapes.py",)),
     "tiny-chat-moe": Builder(_tiny_chat_moe, (*_TRAIN, HERE / "chat.py", HERE / "mergekit-moe.yml"),
                              quantize_env=True),
-    # The quantizer's code and data are inputs: a change to them re-quantizes the default model.
-    "tiny-chat": Builder(_tiny_chat, (HERE / "chat.py", *sorted(QUANTIZE_DIR.glob("*.py")),
-                                      *sorted(QUANTIZE_DIR.glob("*.json")),
-                                      *sorted(QUANTIZE_DIR.glob("data/*.jsonl"))),
+    "tiny-chat": Builder(_tiny_chat, (HERE / "chat.py", *_QUANTIZER),
                          needs=("tiny-chat-moe",), quantize_env=True),
     "tiny-text": Builder(_tiny_text, (HERE / "text.py", HERE / "shapes.py",
                                       QUANTIZE_DIR / "data" / "calibration.jsonl")),
+    # A real pretrained model from a PyPI package, and a mergekit-moe merge of it (real.py).
+    "smollm2": Builder(_smollm2, (HERE / "real.py",)),
+    "smollm2-moe": Builder(_smollm2_moe, (HERE / "real.py",), needs=("smollm2",),
+                           quantize_env=True),
+    "smollm2-moe-awq": Builder(_smollm2_moe_awq, (HERE / "real.py", *_QUANTIZER),
+                               needs=("smollm2-moe",), quantize_env=True),
 }
+# Built on demand (by the tests that use them), not by `make models`.
+ON_DEMAND = ("smollm2", "smollm2-moe", "smollm2-moe-awq")
 
 
 def fingerprint(name: str) -> str:
@@ -199,7 +225,8 @@ def ensure_model(name: str) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    names = (argv if argv is not None else sys.argv[1:]) or list(BUILDERS)
+    names = (argv if argv is not None else sys.argv[1:]) or [
+        n for n in BUILDERS if n not in ON_DEMAND]
     for name in names:
         print(ensure_model(name))
 

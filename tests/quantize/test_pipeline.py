@@ -80,7 +80,7 @@ def test_model_card(awq_dirs: dict[str, Any]) -> None:
                    "routers (`gate`)", "Checked before publishing", "## Loaders",
                    "not for this MoE checkpoint", "not run: no GPU"):
         assert needle in text, needle
-    assert f"mean KL {result.gate_kl:.4f}" in text
+    assert f"mean KL {result.gate.kl:.4f}" in text and "round-to-nearest at the same groups" in text
     dense = (awq_dirs["tiny-llama"][0] / "README.md").read_text()
     assert "AutoModelForCausalLM.from_pretrained" in dense and "gptqmodel" in dense
     meta = json.loads((out / "moegi-quantize.json").read_text())
@@ -111,7 +111,10 @@ def test_unsupported_architecture_fails_before_loading(tmp_path: Path, capsys: A
 def test_bad_options_fail_before_loading(tmp_path: Path, capsys: Any) -> None:
     out = tmp_path / "out"
     assert cli(["tiny-llama", str(out), "--group-size", "100"]) == 2
-    assert "--group-size 100 must divide the layer widths [128, 256]" in capsys.readouterr().err
+    assert "--group-size 100: the serving kernels run group sizes 32, 64, 128, 256 only" in \
+        capsys.readouterr().err
+    assert cli(["tiny-llama", str(out), "--group-size", "512"]) == 2
+    assert "for this model use 32 or 64 or 128" in capsys.readouterr().err
     assert cli(["tiny-llama", str(out), "--calib", str(tmp_path / "missing.jsonl")]) == 2
     assert "no such file" in capsys.readouterr().err
     assert cli([str(tmp_path), str(out)]) == 2

@@ -174,3 +174,38 @@ def test_a_killed_run_resumes_where_it_stopped(tmp_path: Path) -> None:
     assert not list(tmp_path.glob(".out.partial-*"))  # and so is the killed run's work folder
     a, b = checkpoint.read_tensors(straight), checkpoint.read_tensors(out)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize(("config", "requested", "chosen", "note"), [
+    # SmolLM2-135M's widths (hidden 576, intermediate 1536): 128 does not divide 576.
+    ({"hidden_size": 576, "intermediate_size": 1536, "num_attention_heads": 9}, None, 64,
+     "the default 128 does not divide the layer widths [576, 1536]"),
+    # Swallow-MoE-4x7B (Llama-2 7B experts): the default.
+    ({"hidden_size": 4096, "intermediate_size": 11008, "num_attention_heads": 32}, None, 128, None),
+    ({"hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32}, 32, 32, None),
+    # 256 runs on the CPU plugin, not on Marlin: allowed, with a warning.
+    ({"hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32}, 256, 256,
+     "not on vLLM's Marlin kernels"),
+])
+def test_group_size_is_chosen_for_the_model(config: dict[str, Any], requested: int | None,
+                                            chosen: int, note: str | None) -> None:
+    from quantize.preflight import choose_group_size
+
+    size, why = choose_group_size(config, requested)
+    assert size == chosen
+    assert (why is None) if note is None else (why is not None and note in why)
+
+
+@pytest.mark.parametrize(("requested", "message"), [
+    (16, "the serving kernels run group sizes 32, 64, 128, 256 only"),  # dies at warm-up
+    (512, "for this model use 32 or 64"),
+    (128, "must divide the layer widths [576, 1536]; sizes that do and that the serving kernels "
+          "run: 32, 64 (leave --group-size out to get 64)"),
+])
+def test_group_size_the_kernels_cannot_run_is_refused(requested: int, message: str) -> None:
+    from quantize.preflight import choose_group_size
+
+    config = {"hidden_size": 576, "intermediate_size": 1536, "num_attention_heads": 9}
+    with pytest.raises(QuantizeError) as err:
+        choose_group_size(config, requested)
+    assert message in str(err.value)

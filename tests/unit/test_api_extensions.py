@@ -157,3 +157,35 @@ def test_tokenize_and_detokenize(tokenizer: Any) -> None:
     assert_envelope(c.post("/detokenize", json={"tokens": [10**9]}), 400, "tokens")
     assert_envelope(c.post("/tokenize", json={"prompt": "a", "messages": []}), 400)
     assert_envelope(c.post("/tokenize", json={"model": "x", "prompt": "a"}), 404, "model")
+
+
+def test_scoring_request_keeps_the_engines_tokens(tokenizer: Any) -> None:
+    """lm-eval's loglikelihood: echo + logprobs, summing token_logprobs[ctxlen:-1] and taking
+    the last entries to be the generated ones. When the generated tokens spell EOS text, EOS
+    truncation would cut them and shift every entry; a scoring request gets them as the engine
+    made them. A reply (no echo) is still cut, and a scoring request may ask for truncation."""
+    def score(**extra: Any) -> dict[str, Any]:
+        c = client(tokenizer, FakeEngine(["<", "/s", ">", "x"], tokenizer=tokenizer))
+        r = c.post("/v1/completions", json={"model": "m", "prompt": "首都は", "max_tokens": 3,
+                                            "temperature": 0, **extra})
+        assert r.status_code == 200, r.text
+        choice: dict[str, Any] = r.json()["choices"][0]
+        return choice
+
+    scored = score(echo=True, logprobs=1)
+    assert scored["text"] == "首都は</s>" and scored["finish_reason"] == "length"
+    lps = scored["logprobs"]
+    generated = sum(len(tokenizer.encode(t, add_special_tokens=False)) for t in ("<", "/s", ">"))
+    assert "".join(lps["tokens"]) == "</s>" and len(lps["token_logprobs"]) == generated
+    assert score()["text"] == "" and score()["stop_type"] == "eos_text"
+    assert score(echo=True, logprobs=1, eos_truncation=True)["text"] == "首都は"
+
+
+def test_tokenizer_info_as_vllm_serves_it(tokenizer: Any) -> None:
+    """lm-eval's default tokenizer backend reads GET /tokenizer_info (eos_token at least)."""
+    info = client(tokenizer).get("/tokenizer_info").json()
+    assert info["eos_token"] == "</s>" and info["bos_token"] == "<s>"
+    assert info["tokenizer_class"] == type(tokenizer).__name__
+    assert "### 指示:" in info["chat_template"]  # the template in use (alpaca-ja)
+    assert not any(k.endswith("_file") for k in info)
+    json.dumps(info)  # JSON-safe

@@ -8,6 +8,7 @@ reference). The signature checks fail when a vLLM upgrade moves what the plugin 
 from __future__ import annotations
 
 import inspect
+from typing import Any
 
 import pytest
 import torch
@@ -149,6 +150,16 @@ def test_the_vllm_internals_the_plugin_relies_on() -> None:
     assert "qScaleAndZeros" in str(torch.ops.aten._weight_int4pack_mm_for_cpu.default._schema)
     assert "match_mode" in _params(quant_utils.is_layer_skipped)
     assert hasattr(quant_utils, "kInt4Static") and isinstance(RoutedExperts, type)
+    # What the constructor's checks read (check_layer).
+    from dataclasses import fields
+
+    from vllm.model_executor.layers.fused_moe.config import FusedMoEConfig, FusedMoEParallelConfig
+
+    assert {"hidden_dim", "intermediate_size", "moe_parallel_config"} <= {
+        f.name for f in fields(FusedMoEConfig)}
+    assert "use_ep" in {f.name for f in fields(FusedMoEParallelConfig)}
+    assert isinstance(FusedMoEConfig.tp_size, property)
+    assert "full_config" in _params(auto_awq.AutoAWQConfig.__init__)
     # The plugin unpacks AutoAWQ nibbles with quantize/gemm.py: the same order as vLLM's.
     assert [AWQ_ORDER.index(i) for i in range(8)] == auto_awq._REVERSE_AWQ_PACK_ORDER
 
@@ -164,3 +175,27 @@ def test_register_hooks_once_and_only_on_cpu() -> None:
     # The expert computation is a custom op the compiled model calls.
     assert hasattr(torch.ops.moegi, "awq_moe_cpu")
 
+
+@pytest.mark.parametrize(("args", "message"), [
+    # What used to fail at warm-up inside the kernel, or with a shape error, after the load.
+    ((16, "gemm", 4096, 11008, 1, False), "runs group sizes 32, 64, 128, 256 only"),
+    ((512, "gemm", 4096, 14336, 1, False), "runs group sizes 32, 64, 128, 256 only"),
+    ((128, "gemv", 4096, 11008, 1, False), "GEMM layout only"),
+    ((128, "gemm", 4096, 14336, 1, True), "expert parallelism"),
+    # Swallow-MoE-4x7B at group 128 over 4 ranks: 2752 channels each, 21.5 groups.
+    ((128, "gemm", 4096, 11008, 4, False),
+     "--tensor-parallel-size 4 gives each rank 2752 of the experts' 11008 intermediate "
+     "channels, not a whole number of AWQ groups of 128: use --tensor-parallel-size 1 or 2"),
+])
+def test_unsupported_checkpoints_and_splits_are_refused_before_loading(
+        args: tuple[Any, ...], message: str) -> None:
+    with pytest.raises(vllm_plugin.UnsupportedLayer) as err:
+        vllm_plugin.check_layer(*args)
+    assert message in str(err.value)
+
+
+@pytest.mark.parametrize("args", [
+    (128, "GEMM", 4096, 11008, 2, False), (64, "gemm", 576, 1536, 1, False),
+    (32, "gemm", 5120, 13824, 2, False), (256, "gemm", 4096, 14336, 1, False)])
+def test_supported_shapes_pass(args: tuple[Any, ...]) -> None:
+    vllm_plugin.check_layer(*args)

