@@ -35,7 +35,7 @@ export HF_HUB_OFFLINE ?= 1
 export PIP_DISABLE_PIP_VERSION_CHECK ?= 1
 
 .PHONY: serve test lint unit integration install models clean quantize-env quantize test-quantize prometheus \
-	bench bench-moe bench-quantize clients-env eval
+	bench bench-moe bench-quantize bench-quality clients-env eval
 
 install: $(STAMP)
 
@@ -117,6 +117,9 @@ bench: $(STAMP) $(QSTAMP)
 
 bench-quantize: $(STAMP) $(QSTAMP)
 	$(BIN)/python -m bench.quantize_memory
+
+bench-quality: $(STAMP) $(QSTAMP)
+	$(BIN)/python -m bench.quality
 
 clean:
 	rm -rf $(VENV) $(QVENV) $(CVENV) .pytest_cache .mypy_cache .ruff_cache

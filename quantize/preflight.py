@@ -141,7 +141,8 @@ def check(model: Path, out: Path, *, fmt: str, group_size: int | None, num_sampl
         raise QuantizeError(f"{out} is {where}: choose an output folder outside the model, "
                             f"e.g. {src.parent / (model.name + '-AWQ')}")
     if out.exists() and not overwrite:
-        raise QuantizeError(f"{out} already exists; choose another --out or pass --overwrite")
+        raise QuantizeError(f"{out} already exists; choose another output folder (the second "
+                            "argument) or pass --overwrite")
     if not any((model / f).is_file() for f in TOKENIZER_FILES):
         raise QuantizeError(f"{model} has no tokenizer files ({' or '.join(TOKENIZER_FILES)}): "
                             "copy the tokenizer of the model it was made from into the folder "
@@ -169,5 +170,5 @@ def check(model: Path, out: Path, *, fmt: str, group_size: int | None, num_sampl
         raise QuantizeError(f"{parent} has {free / 2**30:.1f} GiB free; the run needs about "
                             f"{need * 1.1 / 2**30:.1f} GiB there for the offloaded model, the "
                             f"resume state and the output ({out_bytes / 2**30:.1f} GiB, written "
-                            "twice before the rename): free some space or choose another --out")
+                            "twice before the rename): free some space or choose another output folder")
     return Plan(spec, config, model_bytes, out_bytes, group_size, group_note)

@@ -159,3 +159,55 @@ def test_litellm(chat_server: Server) -> None:
         assert out[f"{prefix}_chat"] == out[f"{prefix}_stream"] == ANSWER
         assert out[f"{prefix}_stream_usage"] > 0
     assert isinstance(out["text_completion"], str) and out["text_completion"]
+
+
+def _load_env(drop: tuple[str, ...] = ()) -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k not in drop}
+
+
+@pytest.mark.parametrize("route", ["/v1/chat/completions", "/v1/completions"])
+def test_guidellm(chat_server: Server, route: str, tmp_path: Path) -> None:
+    """guidellm sends max_completion_tokens, ignore_eos, stop: null and
+    stream_options.continuous_usage_stats, and calls /health first."""
+    guidellm = CLIENTS.with_name("guidellm")
+    out = tmp_path / "guidellm.json"
+    done = subprocess.run(
+        [str(guidellm), "run", "--backend",
+         f"kind=openai_http,target={chat_server.url},model=tiny-chat,request_format={route},"
+         "stream=true,timeout=60",
+         "--profile", "kind=concurrent,streams=2", "--constraint", "kind=max_requests,count=8",
+         "--constraint", "kind=max_duration,seconds=120",
+         "--tokenizer", f"kind=huggingface_auto,model={ensure_model('tiny-chat')}",
+         "--data", "kind=synthetic_text,prompt_tokens=32,output_tokens=16",
+         "--output", f"kind=json,path={out}", "--disable-console"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=600,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    totals = json.loads(out.read_text())["benchmarks"][0]["metrics"]["request_totals"]
+    # guidellm exits 0 even when every request failed: its counts are the result.
+    assert (totals["successful"], totals["errored"], totals["incomplete"]) == (8, 0, 0), totals
+
+
+@pytest.mark.parametrize("endpoint", ["chat", "completions"])
+def test_aiperf(chat_server: Server, endpoint: str, tmp_path: Path) -> None:
+    """NVIDIA's aiperf drops any chunk whose `object` is not OpenAI's; it sends
+    max_completion_tokens and completions prompts as lists."""
+    aiperf = CLIENTS.with_name("aiperf")
+    art = tmp_path / "aiperf"
+    # With HF offline variables set, aiperf takes a local tokenizer folder for a hub id.
+    env = _load_env(("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    done = subprocess.run(
+        [str(aiperf), "profile", "--model", "tiny-chat", "--url", chat_server.url,
+         "--endpoint-type", endpoint, "--streaming", "--tokenizer",
+         str(ensure_model("tiny-chat")), "--isl", "32", "--isl-stddev", "0", "--osl", "16",
+         "--osl-stddev", "0", "--extra-inputs", "ignore_eos:true", "--concurrency", "2",
+         "--request-count", "8", "--num-dataset-entries", "8", "--random-seed", "42",
+         "--request-timeout-seconds", "60", "--no-server-metrics", "--no-gpu-telemetry",
+         "--ui", "none", "--workers-max", "2", "--record-processors", "1",
+         "--artifact-dir", str(art)],
+        capture_output=True, text=True, cwd=tmp_path, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((art / "profile_export_aiperf.json").read_text())
+    assert result["request_count"]["avg"] == 8
+    assert result.get("error_request_count", {"avg": 0})["avg"] == 0
+    assert result["output_sequence_length"]["avg"] == 16  # every chunk counted

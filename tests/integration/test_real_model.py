@@ -193,3 +193,15 @@ def test_4bit_replies_against_the_bf16_merge(moe_pair: tuple[Server, Server]) ->
           f"= {agree / total:.1%}; identical greedy chats {same}/{len(PROMPTS)}")
     assert total == 16 * len(TEXTS)
     assert agree / total >= 0.6
+
+
+def test_langchain_structured_output_on_the_real_model(dense_pair: tuple[Server, Server]) -> None:
+    """LangChain's with_structured_output (json_schema, its default, and json_mode) through
+    moegi's structured outputs: a model that can write the JSON returns a parsed object."""
+    from tests.integration.test_clients import CLIENT_SCRIPTS, _client
+
+    out = json.loads(_client([str(CLIENT_SCRIPTS / "langchain_check.py"),
+                              dense_pair[0].url + "/v1", "smollm2",
+                              "What is the capital of France?", "--structured"]))
+    for method in ("json_schema", "json_mode"):
+        assert isinstance(out[method]["answer"], str) and out[method]["answer"].strip(), out

@@ -14,7 +14,8 @@ from typing import Any
 import pytest
 import yaml
 
-DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
+REPO = Path(__file__).resolve().parents[2]
+DEPLOY = REPO / "deploy"
 
 
 class _Loader(yaml.SafeLoader):
@@ -138,3 +139,27 @@ def test_grace_periods_cover_the_drain() -> None:
     k8s = next(d for d in yaml.safe_load_all((DEPLOY / "k8s" / "moegi.yaml").read_text())
                if d["kind"] == "Deployment")
     assert k8s["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] >= drain + 8
+
+
+def test_the_declared_licence_is_shipped() -> None:
+    """pyproject.toml declares Apache-2.0: the licence text must be in the repository."""
+    import tomllib
+
+    meta = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert "Apache-2.0" in str(meta.get("license"))
+    text = (REPO / "LICENSE").read_text()
+    assert text.split()[:4] == ["Apache", "License", "Version", "2.0,"]
+
+
+def test_error_messages_name_flags_that_exist() -> None:
+    """A message telling users to pass a flag moegi-quantize does not have sends them nowhere."""
+    import re
+
+    from quantize.cli import quantize_parser, verify_parser
+
+    flags = {o for p in (quantize_parser(), verify_parser()) for a in p._actions
+             for o in a.option_strings}
+    # card.py quotes other programs' command lines (moegi-serve, vLLM, TGI): not moegi-quantize's.
+    for source in sorted(set((REPO / "quantize").glob("*.py")) - {REPO / "quantize" / "card.py"}):
+        for flag in re.findall(r"(--[a-z][a-z-]+)", source.read_text()):
+            assert flag in flags, f"{source.name} names {flag}, which moegi-quantize lacks"

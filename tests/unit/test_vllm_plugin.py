@@ -199,3 +199,99 @@ def test_unsupported_checkpoints_and_splits_are_refused_before_loading(
     (32, "gemm", 5120, 13824, 2, False), (256, "gemm", 4096, 14336, 1, False)])
 def test_supported_shapes_pass(args: tuple[Any, ...]) -> None:
     vllm_plugin.check_layer(*args)
+
+
+def _awq_linear(rows: int, cols: int, group: int, gen: torch.Generator
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    q = torch.randint(0, 16, (rows, cols), generator=gen)
+    z = torch.randint(0, 16, (rows // group, cols), generator=gen)
+    s = (torch.rand(rows // group, cols, generator=gen) * 0.02 + 0.002).half()
+    return pack_gemm(q), pack_gemm(z), s
+
+
+@pytest.mark.parametrize(("hidden", "inter"), [(4096, 11008), (4096, 14336)])
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_one_expert_at_real_shapes(hidden: int, inter: int, group: int) -> None:
+    """Swallow-MoE-4x7B's (11008) and Swallow-MX-8x7B's (14336) expert shapes, at each group
+    the kernels run: the plugin's pack, scales and int4 matmuls against dequantize-then-matmul."""
+    gen = torch.Generator().manual_seed(group)
+    w13 = _awq_linear(hidden, 2 * inter, group, gen)
+    w2 = _awq_linear(inter, hidden, group, gen)
+    experts = CPUExperts(w13[0][None], w13[2][None].to(torch.bfloat16), w13[1][None],
+                         w2[0][None], w2[2][None].to(torch.bfloat16), w2[1][None])
+    x = torch.randn(3, hidden, generator=gen).to(torch.bfloat16)
+    out = experts.forward(x, torch.ones(3, 1), torch.zeros(3, 1, dtype=torch.int64)).float()
+    a13 = dequantize((w13[0], w13[1], w13[2].to(torch.bfloat16).float()))  # [2I, H]
+    h = x.float() @ a13.t()
+    del a13
+    act = (torch.nn.functional.silu(h[:, :inter]) * h[:, inter:]).to(torch.bfloat16).float()
+    ref = act @ dequantize((w2[0], w2[1], w2[2].to(torch.bfloat16).float())).t()
+    rel = float((out - ref).norm() / ref.norm())
+    assert rel < 1e-2, rel
+
+
+def test_tensor_parallel_shards_sum_to_the_unsplit_experts() -> None:
+    """vLLM's tensor parallel gives each rank a slice of every expert's intermediate channels
+    (w13's gate and up rows, w2's inputs) and sums the ranks' outputs; the CPU experts on each
+    rank's slice must add up to the unsplit layer."""
+    gen = torch.Generator().manual_seed(5)
+    hidden, inter, group, ranks = 256, 512, 64, 2
+    q13, z13, s13 = (torch.randint(0, 16, (hidden, 2 * inter), generator=gen),
+                     torch.randint(0, 16, (hidden // group, 2 * inter), generator=gen),
+                     (torch.rand(hidden // group, 2 * inter, generator=gen) * 0.02 + 0.002))
+    q2, z2, s2 = (torch.randint(0, 16, (inter, hidden), generator=gen),
+                  torch.randint(0, 16, (inter // group, hidden), generator=gen),
+                  (torch.rand(inter // group, hidden, generator=gen) * 0.02 + 0.002))
+
+    def layer(cols: torch.Tensor) -> CPUExperts:
+        """The experts restricted to intermediate channels `cols` (gate and up alike)."""
+        c13 = torch.cat([cols, cols + inter])
+        rows2 = cols.reshape(-1, group)[:, 0] // group  # whole groups of w2's input
+        return CPUExperts(pack_gemm(q13[:, c13])[None], s13[:, c13].to(torch.bfloat16)[None],
+                          pack_gemm(z13[:, c13])[None], pack_gemm(q2[cols])[None],
+                          s2[rows2].to(torch.bfloat16)[None], pack_gemm(z2[rows2])[None])
+
+    x = torch.randn(5, hidden, generator=gen).to(torch.bfloat16)
+    ids, weights = torch.zeros(5, 1, dtype=torch.int64), torch.ones(5, 1)
+    whole = layer(torch.arange(inter)).forward(x, weights, ids).float()
+    share = inter // ranks
+    parts = sum(layer(torch.arange(r * share, (r + 1) * share)).forward(x, weights, ids).float()
+                for r in range(ranks))
+    assert torch.allclose(parts, whole, atol=0.02 * float(whole.abs().max()))
+    vllm_plugin.check_layer(group, "gemm", hidden, inter, ranks, False)  # and it is allowed
+
+
+def test_the_plugin_stands_aside_where_vllm_has_a_backend(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CUDA (Marlin MoE), an AMX CPU (CPUExpertsInt4), or any backend vLLM's oracle finds (faked
+    here): the hooked get_quant_method hands the layer to vLLM's own method."""
+    from vllm.model_executor.layers.fused_moe import RoutedExperts
+    from vllm.model_executor.layers.quantization.auto_awq import AutoAWQConfig
+
+    seen: list[str] = []
+
+    def vllms_own(self: Any, layer: Any, prefix: str) -> str:
+        seen.append(prefix)
+        return "vllm's method"
+
+    monkeypatch.setattr(AutoAWQConfig, "get_quant_method", vllms_own)  # as before any hook
+    monkeypatch.setattr(vllm_plugin, "vllm_has_backend", lambda config, moe: True)
+    vllm_plugin.register()
+    assert getattr(AutoAWQConfig.get_quant_method, "_moegi_hook", False)
+    layer = object.__new__(RoutedExperts)
+    object.__setattr__(layer, "moe_config", None)  # read only by the (faked) oracle
+    config = AutoAWQConfig(4, 128, True, False, ["gate"], {"version": "gemm"})
+    prefix = "model.layers.0.block_sparse_moe.experts"
+    assert AutoAWQConfig.get_quant_method(config, layer, prefix) == "vllm's method"
+    assert seen == [prefix]
+
+
+def test_the_plugin_does_nothing_off_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    from vllm.model_executor.layers.quantization.auto_awq import AutoAWQConfig
+    from vllm.platforms import current_platform
+
+    before = AutoAWQConfig.get_quant_method
+    monkeypatch.setattr(AutoAWQConfig, "get_quant_method",
+                        getattr(before, "_moegi_original", before))
+    monkeypatch.setattr(type(current_platform), "is_cpu", lambda self: False)
+    vllm_plugin.register()
+    assert not getattr(AutoAWQConfig.get_quant_method, "_moegi_hook", False)
