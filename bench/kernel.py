@@ -55,9 +55,10 @@ def main(argv: list[str] | None = None) -> int:
     for rows in map(int, a.rows.split(",")):
         x = torch.randn(rows, k, generator=gen).to(torch.bfloat16)
         paths = {
-            "int4": lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, a.group, sz),
-            "dequant": lambda: vllm_plugin._dequant_mm(x, packed, sz, a.group),
-            "bf16": lambda: torch.nn.functional.linear(x, dense),
+            "int4": lambda x=x: torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, a.group,
+                                                                          sz),
+            "dequant": lambda x=x: vllm_plugin._dequant_mm(x, packed, sz, a.group),
+            "bf16": lambda x=x: torch.nn.functional.linear(x, dense),
         }
         for fn in paths.values():  # warm-up
             fn()

@@ -215,12 +215,13 @@ class Gating:
         constrained = schema is not None or json_object
         # A scoring request (echo + logprobs) reads one logprob per prompt token and then the
         # generated ones: cutting a generated token that begins "</s>" would shift them
-        # (lm-eval sums token_logprobs[ctxlen:-1]), so it gets the engine's tokens unless it
-        # asks for truncation itself.
-        scoring = req.scoring()
+        # (lm-eval sums token_logprobs[ctxlen:-1]). A request with ignore_eos (load testers:
+        # vLLM's bench, guidellm) asks for exactly max_tokens. Both get the engine's tokens
+        # unless they ask for truncation themselves.
+        raw = req.scoring() or req.ignore_eos
         eos = False if constrained else (
-            False if scoring and req.eos_truncation is None else req.eos_truncation)
-        trim = (model.sentence_trim and not scoring) if req.sentence_trim is None \
+            False if raw and req.eos_truncation is None else req.eos_truncation)
+        trim = (model.sentence_trim and not raw) if req.sentence_trim is None \
             else req.sentence_trim
         return cls(model.stops.strings(req.stop_list(), eos), req.include_stop_str_in_output,
                    trim and not constrained, model.stops.policy_strings, tokens,

@@ -145,7 +145,9 @@ class CPUExperts:
 
 # Rows (tokens routed to one expert) from which dequantizing the expert tile by tile and running
 # a bfloat16 matmul beats torch's int4 kernel, which reads and dequantizes the whole weight again
-# for every 4 rows (measured by `python -m bench.kernel`; README: 4-bit MoE on a CPU).
+# for every 4 rows. Measured by `python -m bench.kernel` at the 8x7B w13 shape (N 28672, K 4096)
+# on this project's 2-core AVX-512 CPU (ms, median of 3): int4 kernel 60 at 32 rows, 114 at 64,
+# 478 at 256; the tiled path 125, 86, 95; a resident bf16 weight's F.linear 16, 18, 39.
 LARGE_BATCH_ROWS = 64
 _BLOCK_N = 64  # output channels per block of torch's CPU int4 layout
 _TILE_BLOCKS = 16  # blocks dequantized at once: a [K, 1024] bfloat16 tile, 8 MiB at K 4096
@@ -160,15 +162,46 @@ def _int4mm(x: torch.Tensor, w: torch.Tensor, sz: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _dequant_tile(tile: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Blocks of torch's CPU int4 layout -> the bfloat16 weight tile `[K, T*64]`.
+
+    The layout (`_convert_weight_to_int4pack_for_cpu`, checked by the tests): the `[N, K/2]`
+    bytes are `[N/64, K, 32]`, byte j of block b at row k holding output channel `64b + j` in its
+    low nibble and `64b + 32 + j` in its high one. tile `[T, K, 32]` uint8; scale and shift
+    `[T, 2, K/G, 1, 32]` (low and high halves), so `w = q * scale + shift` with
+    `shift = zero - 8 * scale` (torch's kernel computes `(q - 8) * scale + zero`)."""
+    t, k, half = tile.shape
+    groups = scale.shape[2]
+    lo = (tile & 15).view(t, groups, k // groups, half).to(torch.bfloat16) * scale[:, 0] \
+        + shift[:, 0]
+    hi = (tile >> 4).view(t, groups, k // groups, half).to(torch.bfloat16) * scale[:, 1] \
+        + shift[:, 1]
+    return torch.cat([lo, hi], -1).view(t, k, 2 * half).permute(1, 0, 2).reshape(k, 2 * t * half)
+
+
+# Inductor fuses the tile's nibble arithmetic into one pass (3x faster than eager here); it
+# needs a C++ compiler, as vLLM's own compiled mode does. Without one, the tile runs eagerly.
+_COMPILED: dict[str, object] = {}
+
+
+def _tile_fn() -> object:
+    if "fn" not in _COMPILED:
+        try:
+            import torch._inductor.cpp_builder as builder
+
+            builder.get_cpp_compiler()
+            _COMPILED["fn"] = torch.compile(_dequant_tile, dynamic=False)
+        except Exception as exc:  # no compiler: the eager tile, same numbers
+            log.warning("moegi: no C++ compiler for torch inductor (%s); the large-batch path "
+                        "dequantizes eagerly", exc)
+            _COMPILED["fn"] = _dequant_tile
+    return _COMPILED["fn"]
+
+
 def _dequant_mm(x: torch.Tensor, w: torch.Tensor, sz: torch.Tensor, group: int) -> torch.Tensor:
     """The same product for many rows: each tile of output channels is dequantized from the
-    packed bytes to bfloat16 (transient, never kept) and multiplied by a bfloat16 matmul.
-
-    torch's CPU int4 layout (`_convert_weight_to_int4pack_for_cpu`, checked by the tests): the
-    `[N, K/2]` bytes are `[N/64, K, 32]`, byte j of block b at row k holding output channel
-    `64b + j` in its low nibble and `64b + 32 + j` in its high one. So a tile needs no transpose:
-    the low and high halves are dequantized in place (`q * s + (zero - 8 s)`, one fused op each)
-    and multiplied as a batch over blocks."""
+    packed bytes to bfloat16 (transient: one tile at a time, never kept) and multiplied by a
+    bfloat16 matmul, which runs at close to the bf16 model's speed."""
     n, k = w.shape[0], x.shape[1]
     nb, half = n // _BLOCK_N, _BLOCK_N // 2
     blocks = w.view(nb, k, half)  # [N/64, K, 32]
@@ -179,16 +212,13 @@ def _dequant_mm(x: torch.Tensor, w: torch.Tensor, sz: torch.Tensor, group: int) 
 
     scale = per_half(sz[..., 0])
     shift = per_half((sz[..., 1].float() - 8 * sz[..., 0].float()).to(torch.bfloat16))
-    out = torch.empty(nb, x.shape[0], _BLOCK_N, dtype=torch.bfloat16)
+    tile_fn = _tile_fn()
+    out = torch.empty(x.shape[0], n, dtype=torch.bfloat16)
     for b0 in range(0, nb, _TILE_BLOCKS):
         b1 = min(b0 + _TILE_BLOCKS, nb)
-        tile = blocks[b0:b1]  # [T, K, 32]
-        for h, q in enumerate((tile & 15, tile >> 4)):
-            # [T, K/G, G, 32] * [T, K/G, 1, 32] + [T, K/G, 1, 32] -> [T, K, 32] bfloat16
-            wq = torch.addcmul(shift[b0:b1, h], q.view(b1 - b0, k // group, group, half)
-                               .to(torch.bfloat16), scale[b0:b1, h])
-            out[b0:b1, :, h * half:(h + 1) * half] = torch.matmul(x, wq.view(b1 - b0, k, half))
-    return out.transpose(0, 1).reshape(x.shape[0], n)
+        tile = tile_fn(blocks[b0:b1], scale[b0:b1], shift[b0:b1])  # type: ignore[operator]
+        torch.matmul(x, tile, out=out[:, b0 * _BLOCK_N:b1 * _BLOCK_N])
+    return out
 
 
 def run_experts(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
@@ -309,10 +339,19 @@ def _method_class() -> type:
 
 
 def vllm_has_backend(quant_config: Any, moe_config: Any) -> bool:
-    """Whether vLLM's own WNA16 MoE oracle finds a backend for this layer on this host."""
+    """Whether vLLM itself can run this layer on this (CPU) host. `AutoAWQConfig.get_quant_method`
+    first asks whether the layer's shape suits Marlin; when it does not (SmolLM2's hidden 576 at
+    group 64), vLLM falls back to its MoE WNA16 kernels, which need a GPU; when it does,
+    `AutoAWQMoEMethod` asks the WNA16 MoE oracle for a backend."""
     from vllm.model_executor.layers.fused_moe.oracle.int_wna16 import select_wna16_moe_backend
+    from vllm.model_executor.layers.quantization.utils.marlin_utils import (
+        check_moe_marlin_supports_config,
+    )
     from vllm.model_executor.layers.quantization.utils.quant_utils import kInt4Static
 
+    if not check_moe_marlin_supports_config(moe_config, quant_config.group_size,
+                                            allow_tile_padding=True):
+        return False
     try:
         select_wna16_moe_backend(moe_config, kInt4Static, quant_config=quant_config,
                                  may_have_zp=quant_config.zero_point, may_have_bias=True,

@@ -72,10 +72,14 @@ def dense_pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Serve
 
 @pytest.fixture(scope="module")
 def moe_pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, Server]]:
-    """The bf16 merge (fused layout) and its 4-bit checkpoint, both through moegi."""
+    """The bf16 merge (fused layout) and its 4-bit checkpoint, both through moegi. The merge is
+    computed in float32: its comparison with the float32 reference forward is then exact up to
+    summation order, where bfloat16 arithmetic flips near-ties of a real model's top-1 (95% of
+    greedy tokens agreed in bfloat16, the reading of the weights being the same)."""
     tmp = tmp_path_factory.mktemp("real-moe")
     bf16, awq = ensure_model("smollm2-moe"), ensure_model("smollm2-moe-awq")
-    servers = [_start("moe-bf16", ["--model", str(bf16), "--served-model-name", "moe"], tmp),
+    servers = [_start("moe-bf16", ["--model", str(bf16), "--served-model-name", "moe",
+                                   "--dtype", "float32"], tmp),
                _start("moe-awq", ["--model", str(awq), "--served-model-name", "moe"], tmp)]
     try:
         yield servers[0].wait(), servers[1].wait()
@@ -203,5 +207,5 @@ def test_langchain_structured_output_on_the_real_model(dense_pair: tuple[Server,
     out = json.loads(_client([str(CLIENT_SCRIPTS / "langchain_check.py"),
                               dense_pair[0].url + "/v1", "smollm2",
                               "What is the capital of France?", "--structured"]))
-    for method in ("json_schema", "json_mode"):
-        assert isinstance(out[method]["answer"], str) and out[method]["answer"].strip(), out
+    assert out["json_schema"]["answer"].strip() == "Paris", out  # greedy, and right
+    assert isinstance(out["json_mode"], dict) and out["json_mode"], out  # a JSON object

@@ -179,6 +179,9 @@ def test_scoring_request_keeps_the_engines_tokens(tokenizer: Any) -> None:
     assert "".join(lps["tokens"]) == "</s>" and len(lps["token_logprobs"]) == generated
     assert score()["text"] == "" and score()["stop_type"] == "eos_text"
     assert score(echo=True, logprobs=1, eos_truncation=True)["text"] == "首都は"
+    # ignore_eos (load testers' "exactly max_tokens") gets the engine's tokens too.
+    assert score(ignore_eos=True)["text"] == "</s>"
+    assert score(ignore_eos=True, eos_truncation=True)["text"] == ""
 
 
 def test_tokenizer_info_as_vllm_serves_it(tokenizer: Any) -> None:

@@ -160,6 +160,12 @@ def test_the_vllm_internals_the_plugin_relies_on() -> None:
     assert "use_ep" in {f.name for f in fields(FusedMoEParallelConfig)}
     assert isinstance(FusedMoEConfig.tp_size, property)
     assert "full_config" in _params(auto_awq.AutoAWQConfig.__init__)
+    # vLLM's own route for MoE layers: the Marlin shape check, then MoE WNA16 (GPU) or the oracle.
+    from vllm.model_executor.layers.quantization.utils import marlin_utils
+
+    assert _params(marlin_utils.check_moe_marlin_supports_config) == [
+        "config", "group_size", "allow_tile_padding"]
+    assert "check_moe_marlin_supports_layer(" in inspect.getsource(get_quant_method)
     # The plugin unpacks AutoAWQ nibbles with quantize/gemm.py: the same order as vLLM's.
     assert [AWQ_ORDER.index(i) for i in range(8)] == auto_awq._REVERSE_AWQ_PACK_ORDER
 
