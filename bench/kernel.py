@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     print("|---:|---:|---:|---:|---:|---:|")
     for rows in map(int, a.rows.split(",")):
         x = torch.randn(rows, k, generator=gen).to(torch.bfloat16)
-        paths = {
+        paths: dict[str, Callable[[], object]] = {
             "int4": lambda x=x: torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, a.group,
                                                                           sz),
             "dequant": lambda x=x: vllm_plugin._dequant_mm(x, packed, sz, a.group),
