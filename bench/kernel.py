@@ -14,6 +14,7 @@ to win over the first.
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
 from collections.abc import Callable
@@ -55,10 +56,10 @@ def main(argv: list[str] | None = None) -> int:
     for rows in map(int, a.rows.split(",")):
         x = torch.randn(rows, k, generator=gen).to(torch.bfloat16)
         paths: dict[str, Callable[[], object]] = {
-            "int4": lambda x=x: torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, a.group,
-                                                                          sz),
-            "dequant": lambda x=x: vllm_plugin._dequant_mm(x, packed, sz, a.group),
-            "bf16": lambda x=x: torch.nn.functional.linear(x, dense),
+            "int4": functools.partial(torch.ops.aten._weight_int4pack_mm_for_cpu, x, packed,
+                                      a.group, sz),
+            "dequant": functools.partial(vllm_plugin._dequant_mm, x, packed, sz, a.group),
+            "bf16": functools.partial(torch.nn.functional.linear, x, dense),
         }
         for fn in paths.values():  # warm-up
             fn()
