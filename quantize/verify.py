@@ -213,6 +213,11 @@ def verify(ckpt: Path, original: Path, eval_file: Path | None = None,
     verdict = report.gate.verdict(MIN_TOP1)
     if verdict == BROKEN or (verdict == SENSITIVE and not accept_quality_loss):
         raise VerifyError(f"{report.gate.explain(MIN_TOP1)}\n{report.table()}")
-    if ppl["awq"]["all"] > ppl["rtn"]["all"]:
-        raise VerifyError(f"AWQ is worse than round-to-nearest on held-out text\n{report.table()}")
+    # Worse than round-to-nearest, even within the limits: the search did harm. Judged by KL,
+    # the gate's measure: perplexity on a few sentences moves by noise on small models (both
+    # 4-bit models below the original's, in either order).
+    if report.gate.kl > report.gate.rtn_kl:
+        raise VerifyError(f"AWQ is worse than round-to-nearest on held-out text (mean KL "
+                          f"{report.gate.kl:.4f} against {report.gate.rtn_kl:.4f})\n"
+                          f"{report.table()}")
     return report

@@ -78,6 +78,18 @@ class Server:
                    if line.startswith(name + "{") or line.startswith(name + " "))
 
 
+def greedy_ids(server: Server, model: str, prompt_ids: list[int], n: int) -> list[int]:
+    """Exactly n greedy token ids after a token-id prompt, stops of every kind off."""
+    body = {"model": model, "prompt": prompt_ids, "max_tokens": n, "temperature": 0,
+            "ignore_eos": True, "eos_truncation": False, "skip_special_tokens": False,
+            "return_token_ids": True}
+    r = httpx.post(server.url + "/v1/completions", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    ids: list[int] = r.json()["choices"][0]["token_ids"]
+    assert len(ids) == n
+    return ids
+
+
 def _stop(servers: list[Server]) -> None:
     for s in servers:
         s.proc.terminate()

@@ -13,11 +13,10 @@ import json
 import re
 from pathlib import Path
 
-import httpx
 import pytest
 
 from serve.tiny.build import ensure_model
-from tests.integration.conftest import Server
+from tests.integration.conftest import Server, greedy_ids
 
 pytestmark = pytest.mark.integration
 
@@ -54,17 +53,6 @@ def test_the_plugin_runs_the_experts_in_vllms_engine_process(chat_server: Server
     assert "enforce_eager=False" in log and "Warming up model for the compilation" in log
 
 
-def _greedy(server: Server, prompt_ids: list[int], n: int) -> list[int]:
-    body = {"model": "tiny-chat", "prompt": prompt_ids, "max_tokens": n, "temperature": 0,
-            "ignore_eos": True, "eos_truncation": False, "skip_special_tokens": False,
-            "return_token_ids": True}
-    r = httpx.post(server.url + "/v1/completions", json=body, timeout=120)
-    assert r.status_code == 200, r.text
-    ids: list[int] = r.json()["choices"][0]["token_ids"]
-    assert len(ids) == n
-    return ids
-
-
 def test_greedy_tokens_agree_with_the_reference_forward(chat_server: Server) -> None:
     """vLLM (fp16, moegi's CPU experts) vs the reference forward `verify` uses (the checkpoint's
     files dequantized into transformers' float32 modules, layer by layer), on prompts the model
@@ -85,7 +73,7 @@ def test_greedy_tokens_agree_with_the_reference_forward(chat_server: Server) -> 
     for text in [*heldout_texts(), *UNSEEN]:
         for cut in (8, 20):
             prompt = tok.encode(text)[:cut]
-            generated = _greedy(chat_server, prompt, 24)
+            generated = greedy_ids(chat_server, "tiny-chat", prompt, 24)
             logits = reference.logits([prompt + generated[:-1]])[0]
             predicted = logits[len(prompt) - 1 :].argmax(-1).tolist()
             agree += sum(p == g for p, g in zip(predicted, generated, strict=True))

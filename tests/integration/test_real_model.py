@@ -25,7 +25,7 @@ import pytest
 from safetensors import safe_open
 
 from serve.tiny.build import ensure_model
-from tests.integration.conftest import Server, _free_port, _start, _stop
+from tests.integration.conftest import Server, _free_port, _start, _stop, greedy_ids
 
 pytestmark = pytest.mark.integration
 
@@ -117,17 +117,6 @@ def test_moegi_replies_as_vllms_own_server_on_a_real_model(dense_pair: tuple[Ser
         assert _chat(moegi, prompt, stream=True) == reply
 
 
-def _greedy(server: Server, prompt: list[int], n: int) -> list[int]:
-    body = {"model": "moe", "prompt": prompt, "max_tokens": n, "temperature": 0,
-            "ignore_eos": True, "eos_truncation": False, "skip_special_tokens": False,
-            "return_token_ids": True}
-    r = httpx.post(server.url + "/v1/completions", json=body, timeout=120)
-    assert r.status_code == 200, r.text
-    ids: list[int] = r.json()["choices"][0]["token_ids"]
-    assert len(ids) == n
-    return ids
-
-
 def _agreement(server: Server, checkpoint: Path, tok: object) -> float:
     """Teacher-forced on the server's greedy tokens: the share of positions where the reference
     forward (the checkpoint's files, dequantized into transformers' float32 modules) agrees."""
@@ -137,7 +126,7 @@ def _agreement(server: Server, checkpoint: Path, tok: object) -> float:
     agree = total = 0
     for text in TEXTS:
         prompt = tok.encode(text)  # type: ignore[attr-defined]
-        generated = _greedy(server, prompt, 16)
+        generated = greedy_ids(server, "moe", prompt, 16)
         logits = reference.logits([prompt + generated[:-1]])[0]
         predicted = logits[len(prompt) - 1:].argmax(-1).tolist()
         agree += sum(p == g for p, g in zip(predicted, generated, strict=True))
@@ -184,7 +173,7 @@ def test_4bit_replies_against_the_bf16_merge(moe_pair: tuple[Server, Server]) ->
     for text in TEXTS:
         r = httpx.post(bf16.url + "/tokenize", json={"prompt": text}, timeout=30).json()
         prompt = r["tokens"]
-        generated = _greedy(bf16, prompt, 16)
+        generated = greedy_ids(bf16, "moe", prompt, 16)
         body = {"model": "moe", "prompt": prompt + generated, "max_tokens": 1, "echo": True,
                 "logprobs": 1, "temperature": 0}
         lp = httpx.post(awq.url + "/v1/completions", json=body, timeout=120).json()
