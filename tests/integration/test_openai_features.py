@@ -80,7 +80,12 @@ def test_chat_logprobs_are_the_replys_tokens(chat_server: Server, stop: list[str
 
 
 def test_completion_logprobs_are_the_replys_tokens(chat_server: Server) -> None:
-    prompt = "### 指示:\n日本の首都はどこですか？\n### 応答:\n"
+    # The prompt exactly as the model was tuned on it (alpaca-ja, with its preamble): a bare
+    # "### 指示:" prompt is off its training distribution, and the 4-bit model may answer
+    # another memorised question there.
+    prompt = httpx.post(chat_server.url + "/tokenize", json={
+        "model": "tiny-chat", "messages": [{"role": "user", "content": PAIRS[0][0]}]},
+        timeout=30).json()["tokens"]
     r = chat_server.client().completions.create(model="tiny-chat", prompt=prompt, max_tokens=40,
                                                 temperature=0, logprobs=1)
     choice = r.choices[0]
