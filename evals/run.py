@@ -107,7 +107,9 @@ def table(original: dict[str, dict[str, float]], quantized: dict[str, dict[str, 
     rows = ["| task | metric | original | 4-bit | difference |", "|---|---|---:|---:|---:|"]
     for task in sorted(original):
         for metric, value in sorted(original[task].items()):
-            if metric.endswith("_stderr") or metric not in quantized.get(task, {}):
+            # Scores come with their standard error; bookkeeping numbers (sample_len) do not.
+            if (metric.endswith("_stderr") or f"{metric}_stderr" not in original[task]
+                    or metric not in quantized.get(task, {})):
                 continue
             q = quantized[task][metric]
             se_o = original[task].get(f"{metric}_stderr", float("nan"))
