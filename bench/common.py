@@ -61,6 +61,7 @@ class ServerProcess:
     proc: subprocess.Popen[bytes] | None = None
     started: float = 0.0
     startup_s: float = 0.0
+    peak_rss: int = 0  # the process tree's largest resident size seen while starting
 
     @property
     def url(self) -> str:
@@ -74,6 +75,8 @@ class ServerProcess:
         while time.monotonic() - self.started < timeout:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{self.name} exited: {self.log.read_text()[-3000:]}")
+            with contextlib.suppress(Exception):  # a child may end between listing and reading
+                self.peak_rss = max(self.peak_rss, self.tree_rss())
             with contextlib.suppress(httpx.HTTPError):
                 if httpx.get(self.url + "/health", timeout=2).status_code == 200:
                     self.startup_s = time.monotonic() - self.started

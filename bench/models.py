@@ -21,7 +21,7 @@ from typing import Any
 from serve.tiny.build import REPO, cache_root, ensure_model, quantize_python
 
 BYTE_PIECES = range(3, 259)  # <0x00>..<0xFF> in the tiny tokenizer (after unk, bos, eos)
-COMMON: dict[str, Any] = dict(max_position_embeddings=2048, rms_norm_eps=1e-5, bos_token_id=1,
+COMMON: dict[str, Any] = dict(max_position_embeddings=4096, rms_norm_eps=1e-5, bos_token_id=1,
                               eos_token_id=2, tie_word_embeddings=False)
 TINY_MOE: dict[str, Any] = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                                 num_attention_heads=4, num_key_value_heads=2,
@@ -29,6 +29,14 @@ TINY_MOE: dict[str, Any] = dict(hidden_size=128, intermediate_size=256, num_hidd
 LARGE_MOE: dict[str, Any] = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
                                  num_attention_heads=8, num_key_value_heads=8,
                                  num_local_experts=8, num_experts_per_tok=2)
+# The layer shapes of the seed models (layers are chosen per run): Swallow-MoE-4x7B (Llama-2-7B
+# experts, full multi-head attention) and Swallow-MX-8x7B (Mixtral-8x7B: grouped-query, 8 KV heads).
+REAL_SHAPES: dict[str, dict[str, Any]] = {
+    "4x7b": dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32,
+                 num_key_value_heads=32, num_local_experts=4, num_experts_per_tok=2),
+    "8x7b": dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
+                 num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2),
+}
 
 
 def _save(out: Path, arch: str, shape: dict[str, Any]) -> None:
@@ -38,10 +46,16 @@ def _save(out: Path, arch: str, shape: dict[str, Any]) -> None:
     tokenizer = ensure_model("tiny-llama")
     torch.manual_seed(0)
     model: Any
-    if arch == "mixtral":
-        model = MixtralForCausalLM(MixtralConfig(vocab_size=600, **COMMON, **shape))  # type: ignore[no-untyped-call]
-    else:
-        model = LlamaForCausalLM(LlamaConfig(vocab_size=600, **COMMON, **shape))  # type: ignore[no-untyped-call]
+    # Initialised in bf16 directly: a real-shape model in float32 would need twice the memory.
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        if arch == "mixtral":
+            model = MixtralForCausalLM(MixtralConfig(vocab_size=600, **COMMON, **shape))  # type: ignore[no-untyped-call]
+        else:
+            model = LlamaForCausalLM(LlamaConfig(vocab_size=600, **COMMON, **shape))  # type: ignore[no-untyped-call]
+    finally:
+        torch.set_default_dtype(default)
     with torch.no_grad():
         model.lm_head.weight[list(BYTE_PIECES)] = 0
     model.to(torch.bfloat16).save_pretrained(out)

@@ -1,118 +1,217 @@
-"""`make bench-moe`: the 4-bit AWQ MoE on this CPU (moegi's vLLM plugin) against the same MoE in bf16.
+"""`make bench-moe`: the 4-bit MoE at real layer shapes on this CPU, against bf16 and llama.cpp.
 
-One Mixtral large enough for the figures to mean something (hidden 1024, 8 layers, 8 experts,
-2 per token, random bf16 weights), served by moegi on vLLM as `make serve` serves (compiled):
+A Mixtral with the layer shape of Swallow-MoE-4x7B (default) or Swallow-MX-8x7B (`--shape 8x7b`),
+`--layers` layers, random bf16 weights (bench/models.py; the tiny tokenizer's 600 tokens, so the
+head costs next to nothing and the layers are what is timed), one server at a time:
 
-- bf16: vLLM's own unquantized CPU MoE kernel (`cpu_fused_moe`);
-- AWQ 4-bit GEMM (group 128, zero point): moegi's CPU plugin (`serve/vllm_plugin.py`);
-- reference point: a dense Llama of the same total size, 4-bit, through vLLM's dense CPU AWQ
-  kernel (`CPUWNA16LinearKernel`).
+- **bf16**: moegi on vLLM, as `make serve` serves it (vLLM's CPU MoE kernel);
+- **4-bit, as served**: the round-to-nearest 4-bit copy (`moegi-quantize --method rtn`: the
+  AutoAWQ GEMM files an AWQ run writes, group 128) under moegi as `make serve` serves it: vLLM's
+  own `CPUExpertsInt4` where the CPU has AMX, moegi's plugin where it has not (the log says which);
+- **4-bit, moegi plugin**: the same with `MOEGI_CPU_MOE=plugin`, what a CPU without AMX gets;
+  run only where the row above was not already the plugin;
+- **llama.cpp Q4_0 / Q4_K_M**: the same bf16 folder through llama.cpp's own converter and
+  `llama-quantize`, served by `llama-server` with parallel slots (its continuous batching), on
+  the same 2 threads. Built by `make bench-env` from llama-cpp-python's PyPI source.
 
-The models are bench/models.py's (random weights whose greedy text is whole characters; 4-bit
-by `moegi-quantize --method rtn`, the same files an AWQ run writes). Every figure is a ratio against the bf16
-MoE measured in the same invocation, rounds alternating between the servers; the engine's
-resident memory is that of vLLM's engine processes (the server's children), and it is also
-given above the engine of a tiny model (the runtime's own floor, measured here too).
+Per server: start-up (launch to healthy: load, repack, warm-up), the peak resident memory of its
+process tree while starting, prefill as prompt tokens per second of the time to first token for
+a 128- and a 2,048-token prompt (random token ids, new ones for every request, so no prefix cache
+helps), and decode tokens/s at 1, 8 and 32 concurrent streams. Ratios are against bf16 and against
+llama.cpp Q4_0 in the same round (rounds alternate the servers), median (min..max) over rounds.
 
-    make bench-moe                       # or: .venv/bin/python -m bench.moe [--rounds N]
+    make bench-moe [BARGS="--shape 8x7b --layers 4 --rounds 2"]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import random
+import re
 import statistics
+import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
-from bench.common import (
-    ServerProcess,
-    concurrent,
-    decode_rate,
-    free_port,
-    realtime,
-    spread,
-    table,
-)
-from bench.models import LARGE_MOE
+from bench.common import REPO, ServerProcess, Stream, concurrent, decode_rate, free_port, realtime, table
+from bench.models import REAL_SHAPES
 from bench.models import model as bench_model
-from serve.tiny.build import ensure_model
+from serve.tiny.build import cache_root
 
-EXPERTS, PER_TOKEN = LARGE_MOE["num_local_experts"], LARGE_MOE["num_experts_per_tok"]
-PROMPT = "日本の首都はどこですか？東京について、歴史と文化と食べ物を詳しく説明してください。"
-DECODE_TOKENS = 96
-# The dense reference: every expert's MLP side by side in one MLP, the same total weights.
-DENSE = {k: v for k, v in LARGE_MOE.items() if k not in ("num_local_experts", "num_experts_per_tok")}
-DENSE["intermediate_size"] = EXPERTS * LARGE_MOE["intermediate_size"]
-
-
-def _models() -> dict[str, Path]:
-    return {"bf16 MoE": bench_model("moe", "mixtral", LARGE_MOE),
-            "AWQ 4-bit MoE": bench_model("moe", "mixtral", LARGE_MOE, quantized=True),
-            "AWQ 4-bit dense (reference)": bench_model("dense", "llama", DENSE, quantized=True)}
+LLAMA_CPP = REPO / ".venv-bench"
+PREFILL = (128, 2048)
+DECODE = (1, 8, 32)
+DECODE_TOKENS = 64
+VOCAB = range(259, 600)  # the tiny tokenizer's pieces after <unk> <s> </s> and the 256 bytes
+PLUGIN_LOG = "run on moegi's CPU kernel"  # serve/vllm_plugin.py's line when it takes a layer
 
 
-def _serve(name: str, model: Path, log_dir: Path) -> ServerProcess:
-    port = free_port()
-    cmd = [sys.executable, "-m", "serve", "--model", str(model), "--served-model-name", "m",
-           "--port", str(port), "--max-model-len", "1024",
-           "--chat-template", "alpaca-ja"]
-    return ServerProcess(name, cmd, log_dir / f"{name.split()[0]}-{port}.log", port,
-                         env={"VLLM_CPU_KVCACHE_SPACE": "1"})
+@dataclass
+class Engine:
+    name: str
+    start: Callable[[Path], ServerProcess]
+    moegi: bool = True  # takes moegi's request extensions
 
 
-def _measure(server: ServerProcess) -> dict[str, float]:
-    body = {"model": "m", "prompt": PROMPT, "max_tokens": DECODE_TOKENS, "temperature": 0,
-            "ignore_eos": True, "eos_truncation": False, "return_token_ids": True}
+def _moegi(name: str, model: Path, env: dict[str, str] | None = None) -> Engine:
+    def start(log_dir: Path) -> ServerProcess:
+        port = free_port()
+        cmd = [sys.executable, "-m", "serve", "--model", str(model), "--served-model-name", "m",
+               "--port", str(port), "--max-model-len", "4096", "--chat-template", "alpaca-ja"]
+        return ServerProcess(name, cmd, log_dir / f"{_slug(name)}.log", port,
+                             env={"VLLM_CPU_KVCACHE_SPACE": "4", **(env or {})})
+    return Engine(name, start)
+
+
+def _llama(name: str, src: Path, kind: str) -> Engine:
+    def start(log_dir: Path) -> ServerProcess:
+        path = gguf(src, kind)  # converted on first use, before the server's clock starts
+        port = free_port()
+        # One unified KV cache of 8,192 tokens shared by 32 slots: the decode runs need 32 short
+        # streams, the prefill runs one 2,048-token prompt.
+        cmd = [str(LLAMA_CPP / "build" / "bin" / "llama-server"), "-m", str(path), "--port",
+               str(port), "--host", "127.0.0.1", "-t", "2", "-tb", "2", "-np", str(max(DECODE)),
+               "-c", "8192", "--kv-unified", "-a", "m"]
+        return ServerProcess(name, cmd, log_dir / f"{_slug(name)}.log", port)
+    return Engine(name, start, moegi=False)
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def gguf(src: Path, kind: str) -> Path:
+    """The bf16 folder in llama.cpp's GGUF, quantized to `kind` (cached beside the folder)."""
+    out = src.parent / f"{src.name}.{kind}.gguf"
+    if out.exists():
+        return out
+    full = src.parent / f"{src.name}.bf16.gguf"
+    if not full.exists():
+        subprocess.run([str(LLAMA_CPP / "bin" / "python"),
+                        str(LLAMA_CPP / "src" / "convert_hf_to_gguf.py"), str(src), "--outtype",
+                        "bf16", "--outfile", str(full)], check=True, stdout=sys.stderr)
+    subprocess.run([str(LLAMA_CPP / "build" / "bin" / "llama-quantize"), str(full),
+                    str(out.with_suffix(".partial")), kind, "2"], check=True, stdout=sys.stderr)
+    out.with_suffix(".partial").rename(out)
+    return out
+
+
+def engines(shape: str, layers: int, names: set[str] | None) -> list[Engine]:
+    config = {**REAL_SHAPES[shape], "num_hidden_layers": layers}
+    name = f"real-{shape}-{layers}l"
+    bf16 = bench_model(name, "mixtral", config)
+    awq = bench_model(name, "mixtral", config, quantized=True)
+    out = [_moegi("bf16", bf16), _moegi("4-bit as served", awq),
+           _moegi("4-bit moegi plugin", awq, {"MOEGI_CPU_MOE": "plugin"}),
+           _llama("llama.cpp Q4_0", bf16, "Q4_0"), _llama("llama.cpp Q4_K_M", bf16, "Q4_K_M")]
+    return [e for e in out if names is None or e.name in names or e.name == "bf16"]
+
+
+class Prompts:
+    """Random token-id prompts, never the same twice in a run (no prefix cache helps)."""
+
+    def __init__(self) -> None:
+        self.rng = random.Random(0)
+
+    def __call__(self, n: int) -> list[int]:
+        return [self.rng.choice(VOCAB) for _ in range(n)]
+
+
+def measure(server: ServerProcess, engine: Engine, prompts: Prompts) -> dict[str, float]:
     url = server.url + "/v1/completions"
-    asyncio.run(concurrent(url, {**body, "max_tokens": 8}, 2))  # warm-up
-    b1 = [decode_rate(asyncio.run(concurrent(url, body, 1))) for _ in range(3)]
-    b8_streams = asyncio.run(concurrent(url, body, 8))
-    return {"rss": server.tree_rss(children_only=True) / 2**30,
-            "b1": statistics.median(b1), "b8": decode_rate(b8_streams),
-            "bursts": sum(s.bursts for s in b8_streams) / max(1, sum(len(s.gaps) for s in b8_streams))}
+    extra = {"eos_truncation": False, "return_token_ids": True} if engine.moegi else {}
+
+    def body(prompt_len: int, tokens: int) -> dict[str, object]:
+        return {"model": "m", "prompt": prompts(prompt_len), "max_tokens": tokens,
+                "temperature": 0, "ignore_eos": True, **extra}
+
+    def run(prompt_len: int, tokens: int, n: int) -> list[Stream]:
+        """n streams started together, each with its own prompt."""
+        async def go() -> list[list[Stream]]:
+            return list(await asyncio.gather(*(concurrent(url, body(prompt_len, tokens), 1)
+                                               for _ in range(n))))
+        return [s for group in asyncio.run(go()) for s in group]
+
+    run(16, 4, 2)  # warm-up of the request path
+    result: dict[str, float] = {"startup": server.startup_s, "peak": server.peak_rss / 2**30}
+    for n in PREFILL:
+        result[f"prefill {n}"] = statistics.median(n / run(n, 2, 1)[0].ttft for _ in range(2))
+    for n in DECODE:
+        streams = run(32, DECODE_TOKENS, n)
+        for s in streams:
+            s.tokens = s.tokens or len(s.chunks)  # llama-server sends no usage in streams
+        result[f"decode b{n}"] = decode_rate(streams)
+    result["rss"] = server.tree_rss() / 2**30
+    return result
+
+
+COLUMNS = (["startup", "peak"] + [f"prefill {n}" for n in PREFILL]
+           + [f"decode b{n}" for n in DECODE])
+
+
+def report(runs: dict[str, list[dict[str, float]]], base: str) -> str:
+    """Each cell: the median figure, then its ratio to `base` in the same round."""
+    rows = []
+    for name, results in runs.items():
+        row = [name]
+        for key in COLUMNS:
+            value = statistics.median(r[key] for r in results)
+            ratios = [r[key] / b[key] for r, b in zip(results, runs[base], strict=False)]
+            mid = statistics.median(ratios)
+            span = f" {min(ratios):.2f}..{max(ratios):.2f}" if len(ratios) > 1 else ""
+            row.append(f"{value:.1f} ({mid:.2f}x{span})")
+        rows.append(row)
+    units = {"startup": "start-up s", "peak": "peak RSS GiB"}
+    header = ["server"] + [units.get(k, k.replace("prefill", "prefill tok/s").replace(
+        "decode", "decode tok/s")) for k in COLUMNS]
+    return table(header, rows)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="bench.moe", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=sorted(REAL_SHAPES), default="4x7b")
+    parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--only", help="comma-separated server names to run beside bf16")
+    parser.add_argument("--build-only", action="store_true", help="make the models and stop")
     args = parser.parse_args(argv)
+    names = set(args.only.split(",")) if args.only else None
+    todo = engines(args.shape, args.layers, names)
+    if args.build_only:
+        return
     realtime()
-    models = _models()
     log_dir = Path(tempfile.mkdtemp(prefix="moegi-bench-moe-"))
-    runs: dict[str, list[dict[str, float]]] = {name: [] for name in models}
-    floor = _serve("tiny-llama floor", ensure_model("tiny-llama"), log_dir).start()
-    floor_rss = floor.tree_rss(children_only=True) / 2**30
-    floor.stop()
+    prompts = Prompts()
+    runs: dict[str, list[dict[str, float]]] = {}
     for r in range(args.rounds):
-        for name, path in models.items():
-            server = _serve(name, path, log_dir).start()
+        for engine in todo:
+            server = engine.start(log_dir)
             try:
-                runs[name].append(_measure(server))
+                server.start()
+                runs.setdefault(engine.name, []).append(measure(server, engine, prompts))
             finally:
                 server.stop()
-            print(f"round {r + 1}: {name}: {runs[name][-1]}", file=sys.stderr, flush=True)
-    base = runs["bf16 MoE"]
-
-    def ratio(results: list[dict[str, float]], key: str, off: float = 0.0) -> str:
-        return spread([(x[key] - off) / (b[key] - off) for x, b in zip(results, base, strict=True)])
-
-    rows = []
-    for name, results in runs.items():
-        rows.append([name, spread([x["rss"] for x in results]), ratio(results, "rss"),
-                     ratio(results, "rss", floor_rss),
-                     spread([x["b1"] for x in results]), ratio(results, "b1"),
-                     spread([x["b8"] for x in results]), ratio(results, "b8"),
-                     f"{statistics.mean(x['bursts'] for x in results):.0%}"])
-    print(f"\nMixtral hidden {LARGE_MOE['hidden_size']}, {LARGE_MOE['num_hidden_layers']} layers, "
-          f"{EXPERTS} experts ({PER_TOKEN} per token), intermediate "
-          f"{LARGE_MOE['intermediate_size']}; "
-          f"{args.rounds} rounds; ratios against bf16 MoE, median (min..max).\n"
-          f"Engine floor (vLLM on a tiny model): {floor_rss:.2f} GiB. Logs: {log_dir}\n")
-    print(table(["model", "engine RSS GiB", "RSS ratio", "RSS above floor, ratio",
-                 "decode tok/s b1", "b1 ratio", "decode tok/s b8", "b8 ratio", "bursts b8"], rows))
+            if engine.name == "4-bit as served" and PLUGIN_LOG in server.log.read_text():
+                # This CPU has no AMX: the as-served row is the plugin already.
+                todo = [e for e in todo if e.name != "4-bit moegi plugin"]
+            print(f"round {r + 1}: {engine.name}: {runs[engine.name][-1]}", file=sys.stderr,
+                  flush=True)
+    served = "moegi plugin" if "4-bit moegi plugin" not in runs else "vLLM CPUExpertsInt4 (AMX)"
+    cfg = REAL_SHAPES[args.shape]
+    print(f"\nMixtral with the {args.shape} layer shape: hidden {cfg['hidden_size']}, intermediate "
+          f"{cfg['intermediate_size']}, {cfg['num_local_experts']} experts "
+          f"({cfg['num_experts_per_tok']} per token), {args.layers} layers. 4-bit as served: "
+          f"{served}. {args.rounds} rounds; logs: {log_dir}; cache: {cache_root() / 'bench'}\n")
+    print("Against bf16 (ratio: higher is better for tokens/s, lower for start-up and memory):\n")
+    print(report(runs, "bf16"))
+    if "llama.cpp Q4_0" in runs:
+        print("\nAgainst llama.cpp Q4_0:\n")
+        print(report(runs, "llama.cpp Q4_0"))
 
 
 if __name__ == "__main__":

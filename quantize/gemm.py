@@ -25,6 +25,9 @@ PACK = 32 // BITS
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 _INVERSE = tuple(AWQ_ORDER.index(i) for i in range(PACK))
 _SHIFTS = torch.arange(PACK, dtype=torch.int64) * BITS
+# Column c of a word sits in nibble _INVERSE[c]: shifting each column by its own amount unpacks
+# in output order with no gather, in int32 (an arithmetic shift's sign bits are masked off).
+_UNPACK_SHIFTS = torch.tensor([BITS * _INVERSE[c] for c in range(PACK)], dtype=torch.int32)
 
 
 def pack_gemm(values: torch.Tensor) -> torch.Tensor:
@@ -43,8 +46,7 @@ def pack_gemm(values: torch.Tensor) -> torch.Tensor:
 def unpack_gemm(packed: torch.Tensor) -> torch.Tensor:
     """AutoAWQ-packed int32 `[rows, cols/8]` -> unsigned values int32 `[rows, cols]`."""
     rows, words = packed.shape
-    nibbles = (packed.to(torch.int64).unsqueeze(-1) >> _SHIFTS) & 0xF
-    return nibbles[:, :, list(_INVERSE)].reshape(rows, words * PACK).to(torch.int32)
+    return ((packed.unsqueeze(-1) >> _UNPACK_SHIFTS) & 0xF).reshape(rows, words * PACK)
 
 
 @dataclass

@@ -119,9 +119,38 @@ def main(argv: list[str] | None = None) -> None:
         settings.served_model_name = settings.served_model_name or DEFAULT_MODEL
     try:
         check_before_load(settings)
+        _check_platform(settings)
     except ValueError as exc:
         raise SystemExit(f"moegi-serve: {exc}") from None
     sys.exit(_run(_serve(settings)))
+
+
+def _check_platform(settings: Settings) -> None:
+    """What vLLM's platform decides about a split, settled before vLLM starts: Ray needs a
+    platform that supports it, and several CPU ranks need their own cores (serve/parallel.py)."""
+    if settings.distributed_executor_backend != "ray" and (
+            settings.tensor_parallel_size, settings.pipeline_parallel_size) == (1, 1):
+        return
+    from vllm.platforms import current_platform
+
+    from serve.parallel import THREADS_BIND, bind_cpu_threads
+
+    if settings.distributed_executor_backend == "ray" and not current_platform.ray_device_key:
+        # vLLM raises this only once its engine core has started and joined the Ray cluster.
+        raise ValueError(f"--distributed-executor-backend ray: vLLM's {current_platform.device_name} "
+                         "platform does not run on Ray (vLLM raises 'does not support ray'); use "
+                         "--distributed-executor-backend mp on one machine, or Ray on GPU hosts")
+    if current_platform.is_cpu() and settings.pipeline_parallel_size > 1 and settings.enforce_eager:
+        # vllm/v1/worker/cpu_model_runner.py: `warming_up_model` returns early in eager mode, and
+        # it is what allocates a later stage's intermediate-tensor buffer: the first request then
+        # kills the engine (AssertionError in sync_and_gather_intermediate_tensors).
+        raise ValueError("--pipeline-parallel-size with --enforce-eager: vLLM's CPU workers "
+                         "(0.32) set up the later stages' buffers only when they compile, and the "
+                         "first request would kill the engine; leave --enforce-eager out")
+    if current_platform.is_cpu() and (bound := bind_cpu_threads(
+            settings.tensor_parallel_size, settings.pipeline_parallel_size)):
+        log.info("CPU ranks bound to cores %s (%s; set it yourself to choose)", bound,
+                 THREADS_BIND)
 
 
 def _run(main_coroutine: Coroutine[Any, Any, int]) -> int:

@@ -176,12 +176,14 @@ class Limits:
 
 
 def check_before_load(settings: Settings) -> None:
-    """What can be checked before the engine starts: template, preset, paths, engine options.
+    """What can be checked before the engine starts: template, preset, paths, the parallel
+    split, engine options.
 
     Raises ValueError with a message that names the fix.
     """
     import chat_templates
     from chat_templates.presets import PRESETS
+    from serve.parallel import check_split
 
     if settings.chat_template:
         chat_templates.load(settings.chat_template)
@@ -196,6 +198,9 @@ def check_before_load(settings: Settings) -> None:
                                  "(or a hub id)")
             if not Path(value).expanduser().exists():
                 raise ValueError(f"--{name} {value}: no such folder")
+    if settings.model and (Path(settings.model).expanduser() / "config.json").is_file():
+        check_split(Path(settings.model).expanduser(), settings.tensor_parallel_size,
+                    settings.pipeline_parallel_size)
     known = _engine_arg_names()
     unknown = sorted(set(settings.vllm_args()) - known) if known else []
     if unknown:

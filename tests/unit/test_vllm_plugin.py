@@ -291,6 +291,27 @@ def test_the_plugin_stands_aside_where_vllm_has_a_backend(monkeypatch: pytest.Mo
     assert seen == [prefix]
 
 
+def test_moegi_cpu_moe_plugin_takes_the_layer_even_beside_a_backend(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """`MOEGI_CPU_MOE=plugin` (what bench-moe uses on an AMX host to measure what hosts without
+    AMX get): the layer goes to moegi's method though vLLM's oracle has a backend."""
+    from vllm.model_executor.layers.fused_moe import RoutedExperts
+    from vllm.model_executor.layers.quantization.auto_awq import AutoAWQConfig
+
+    monkeypatch.setattr(AutoAWQConfig, "get_quant_method", lambda self, layer, prefix: "vllm's")
+    monkeypatch.setattr(vllm_plugin, "vllm_has_backend", lambda config, moe: True)
+    monkeypatch.setattr(vllm_plugin, "_method_class", lambda: lambda config, moe: "moegi's")
+    monkeypatch.setenv(vllm_plugin.CPU_MOE_ENV, "plugin")
+    vllm_plugin.register()
+    layer = object.__new__(RoutedExperts)
+    object.__setattr__(layer, "moe_config", None)
+    config = AutoAWQConfig(4, 128, True, False, ["gate"], {"version": "gemm"})
+    assert AutoAWQConfig.get_quant_method(config, layer, "model.layers.0.mlp.experts") == "moegi's"
+    monkeypatch.setenv(vllm_plugin.CPU_MOE_ENV, "always")
+    with pytest.raises(ValueError, match="MOEGI_CPU_MOE='always': use one of auto, plugin"):
+        vllm_plugin.forced()
+
+
 def test_the_plugin_does_nothing_off_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
     from vllm.model_executor.layers.quantization.auto_awq import AutoAWQConfig
     from vllm.platforms import current_platform
