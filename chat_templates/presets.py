@@ -42,6 +42,14 @@ def _load() -> dict[str, Preset]:
 PRESETS = _load()
 
 
+def named(name: str) -> Preset:
+    """The preset called `name`; ValueError naming the choices otherwise (the --preset check)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown --preset {name!r}: use one of {', '.join(sorted(PRESETS))} "
+                         "or none")
+    return PRESETS[name]
+
+
 def match(*candidates: str) -> Preset | None:
     """The first preset whose patterns match any candidate (served name, path, _name_or_path)."""
     for preset in PRESETS.values():

@@ -182,14 +182,13 @@ def check_before_load(settings: Settings) -> None:
     Raises ValueError with a message that names the fix.
     """
     import chat_templates
-    from chat_templates.presets import PRESETS
+    from chat_templates.presets import named
     from serve.parallel import check_split
 
     if settings.chat_template:
         chat_templates.load(settings.chat_template)
-    if settings.preset and settings.preset != "none" and settings.preset not in PRESETS:
-        raise ValueError(f"unknown --preset {settings.preset!r}: use one of "
-                         f"{', '.join(sorted(PRESETS))} or none")
+    if settings.preset and settings.preset != "none":
+        named(settings.preset)
     for name in ("model", "tokenizer"):
         value = getattr(settings, name)
         if value and (value.startswith((".", "/", "~")) or Path(value).exists()):

@@ -93,23 +93,14 @@ async def watchdog(engine: Engine, on_dead: Callable[[BaseException], None],
             return
 
 
-class ShuttingDown(Exception):
-    """Raised into streams and requests still running when the drain's deadline passes."""
-
-
 @dataclass
 class Drain:
-    """Streams in progress, and the deadline after which they are ended with an error."""
+    """Streams in progress, and the deadline after which their tasks are cancelled (each
+    stream then ends with an error chunk)."""
 
     draining: bool = False
     expired: bool = False
     _tasks: set[asyncio.Task[Any]] = field(default_factory=set)
-    _expired_event: asyncio.Event | None = None
-
-    def event(self) -> asyncio.Event:
-        if self._expired_event is None:
-            self._expired_event = asyncio.Event()
-        return self._expired_event
 
     @contextlib.contextmanager
     def stream(self) -> Iterator[asyncio.Task[Any] | None]:
@@ -130,7 +121,6 @@ class Drain:
     async def _expire_after(self, timeout_s: float) -> None:
         await asyncio.sleep(timeout_s)
         self.expired = True
-        self.event().set()
         if self._tasks:
             log.warning("shutdown deadline: ending %d stream(s) still open", len(self._tasks))
         for task in list(self._tasks):

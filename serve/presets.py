@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import chat_templates
-from chat_templates.presets import PRESETS, Preset, config_name, match
+from chat_templates.presets import PRESETS, Preset, config_name, match, named
 from serve.config import Limits, Settings
 from serve.serving import ServedModel
 from serve.stops import EosSources, StopPolicy
@@ -28,10 +28,7 @@ def pick_preset(settings: Settings, name: str) -> tuple[Preset | None, bool]:
     if settings.preset == "none":
         return None, True
     if settings.preset:
-        if settings.preset not in PRESETS:
-            raise ValueError(f"unknown --preset {settings.preset!r}: use one of "
-                             f"{', '.join(sorted(PRESETS))} or none")
-        return PRESETS[settings.preset], True
+        return named(settings.preset), True
     return match(name, settings.model, config_name(settings.model)), False
 
 

@@ -15,7 +15,7 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,6 +53,19 @@ class ServedModel:
     @property
     def vocab_size(self) -> int:
         return len(self.tokenizer)
+
+    def check_name(self, name: str | None) -> None:
+        """404 unless `name` is the served model's (None: the request named none)."""
+        if name is not None and name != self.name:
+            raise APIError(f"model {name!r} does not exist; this server serves {self.name!r} "
+                           "(see GET /v1/models)", 404, "model", "model_not_found")
+
+    def check_ids(self, ids: Iterable[int | str], param: str, what: str) -> None:
+        """400 unless every id is in the vocabulary (`what` names them in the message)."""
+        vocab = self.vocab_size
+        if any(not 0 <= int(t) < vocab for t in ids):
+            raise APIError(f"{what} must be token ids in [0, {vocab})", 400, param,
+                           "invalid_value")
 
     def token_bytes(self, token_id: int) -> bytes:
         """The bytes a token adds to the detokenized text (cached per id).
@@ -115,10 +128,8 @@ def bytes_text(raw: bytes) -> str:
 def check_request(model: ServedModel, req: SamplingRequest, prompts: int = 1,
                   logprobs: int | None = None) -> None:
     """404 for an unknown model; 400 for what the server's limits or the vocabulary refuse."""
-    if req.model != model.name:
-        raise APIError(f"model {req.model!r} does not exist; this server serves {model.name!r} "
-                       "(see GET /v1/models)", 404, "model", "model_not_found")
-    lim, vocab = model.limits, model.vocab_size
+    model.check_name(req.model)
+    lim = model.limits
     stops = req.stop_list()
     if len(stops) > lim.max_stop:
         raise APIError(f"{len(stops)} stop strings; the limit is {lim.max_stop} (--max-stop)",
@@ -130,16 +141,12 @@ def check_request(model: ServedModel, req: SamplingRequest, prompts: int = 1,
     if len(ids) > lim.max_stop_token_ids:
         raise APIError(f"{len(ids)} stop_token_ids; the limit is {lim.max_stop_token_ids} "
                        "(--max-stop-token-ids)", 400, "stop_token_ids", "too_many_stop_token_ids")
-    if any(not 0 <= t < vocab for t in ids):
-        raise APIError(f"stop_token_ids must be token ids in [0, {vocab})", 400, "stop_token_ids",
-                       "invalid_value")
+    model.check_ids(ids, "stop_token_ids", "stop_token_ids")
     bias = req.logit_bias or {}
     if len(bias) > lim.max_logit_bias:
         raise APIError(f"{len(bias)} logit_bias entries; the limit is {lim.max_logit_bias} "
                        "(--max-logit-bias)", 400, "logit_bias", "too_many_logit_bias")
-    if any(not 0 <= int(k) < vocab for k in bias):
-        raise APIError(f"logit_bias keys must be token ids in [0, {vocab})", 400, "logit_bias",
-                       "invalid_value")
+    model.check_ids(bias, "logit_bias", "logit_bias keys")
     if prompts > lim.max_prompts:
         raise APIError(f"{prompts} prompts in one request; the limit is {lim.max_prompts} "
                        "(--max-prompts): send several requests", 400, "prompt", "too_many_prompts")

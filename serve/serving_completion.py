@@ -47,10 +47,9 @@ async def _encode(model: ServedModel, prompt: str | list[int]) -> list[int]:
         if not prompt:
             raise APIError("'prompt' is empty: send some text", 400, "prompt")
         return await model.encode(prompt, add_special_tokens=True)
-    vocab = model.vocab_size
-    if not prompt or any(t < 0 or t >= vocab for t in prompt):
-        raise APIError(f"'prompt' token ids must be non-empty and within [0, {vocab})", 400,
-                       "prompt")
+    if not prompt:
+        raise APIError("'prompt' is an empty list of token ids", 400, "prompt")
+    model.check_ids(prompt, "prompt", "'prompt' token ids")
     return prompt
 
 

@@ -13,20 +13,13 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from serve.errors import APIError
 from serve.protocol import DetokenizeRequest, TokenizeRequest
 from serve.serving import ServedModel
 from serve.serving_chat import render_prompt
 
 
-def _check_model(model: ServedModel, name: str | None) -> None:
-    if name is not None and name != model.name:
-        raise APIError(f"model {name!r} does not exist; this server serves {model.name!r}", 404,
-                       "model", "model_not_found")
-
-
 async def tokenize(model: ServedModel, req: TokenizeRequest) -> dict[str, Any]:
-    _check_model(model, req.model)
+    model.check_name(req.model)
     if req.messages is not None:
         ids = await render_prompt(model, req.messages, req.add_generation_prompt,
                                   req.continue_final_message)
@@ -45,10 +38,8 @@ async def tokenize(model: ServedModel, req: TokenizeRequest) -> dict[str, Any]:
 
 
 async def detokenize(model: ServedModel, req: DetokenizeRequest) -> dict[str, Any]:
-    _check_model(model, req.model)
-    vocab = model.vocab_size
-    if any(not 0 <= t < vocab for t in req.tokens):
-        raise APIError(f"'tokens' must be token ids in [0, {vocab})", 400, "tokens")
+    model.check_name(req.model)
+    model.check_ids(req.tokens, "tokens", "'tokens'")
     text = await asyncio.to_thread(model.tokenizer.decode, req.tokens)
     return {"prompt": text}
 

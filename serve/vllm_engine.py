@@ -5,7 +5,9 @@ program that calls it needs an `if __name__ == "__main__":` guard), asks for DEL
 (only new text and ids per step: no cumulative copies on the hot path), and converts vLLM's
 `RequestOutput` into the plain dataclasses of `engine.py`. vLLM's own Prometheus metrics
 (`vllm:*`) are registered in prometheus_client's default registry by the engine itself.
-(`vllm_plugin.py` and `orphans.py` also import vLLM: they are plugins vLLM loads into itself.)
+(`vllm_plugin.py`, `vllm_layouts.py` and `orphans.py` also import vLLM: they are plugins vLLM
+loads into itself. At start-up `config.py` reads vLLM's engine-option names and `cli.py` its
+platform, both before the engine exists.)
 
 Health: vLLM's `check_health` reads an "errored" flag that is set only once a request finds
 the engine dead, so this module also watches the engine's processes (its children): one that

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import httpx
+import pytest
 
 from tests.integration.conftest import Server
+
+pytestmark = pytest.mark.integration
 
 
 def test_awq_checkpoint_generates(awq_server: Server) -> None:

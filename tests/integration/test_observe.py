@@ -25,6 +25,8 @@ import yaml
 
 from tests.integration.conftest import API_KEY, REPO, Server, _free_port
 
+pytestmark = pytest.mark.integration
+
 DASHBOARD = REPO / "deploy/grafana/dashboards/moegi.json"
 PROM_CONFIG = REPO / "deploy/prometheus/prometheus.yml"
 RATE_INTERVAL = "1m"
