@@ -22,6 +22,8 @@ from typing import Any, Literal
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, CliApp, SettingsConfigDict, SettingsError
 
+import chat_templates
+
 # Fields that go to vLLM's AsyncEngineArgs under the same name.
 ENGINE_FIELDS = ("model", "tokenizer", "dtype", "max_model_len", "tensor_parallel_size",
                  "pipeline_parallel_size", "distributed_executor_backend",
@@ -44,8 +46,8 @@ class Settings(BaseSettings):
         None, description="Model id clients send and /v1/models lists (default: the model "
         "folder's name).")
     chat_template: str | None = Field(
-        None, description="Template name from chat_templates/ (llama-2-chat, alpaca, alpaca-ja, "
-        "alpaca-ja-bare) or a .jinja path.")
+        None, description=f"Template name from chat_templates/ ({', '.join(chat_templates.names())}) "
+        "or a .jinja path.")
     preset: str | None = Field(
         None, description="Model preset from chat_templates/presets.json (template, system prompt, stops, "
         "sampling); matched from the model name when unset; 'none' turns that off.")
@@ -181,7 +183,6 @@ def check_before_load(settings: Settings) -> None:
 
     Raises ValueError with a message that names the fix.
     """
-    import chat_templates
     from chat_templates.presets import named
     from serve.parallel import check_split
 

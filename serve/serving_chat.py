@@ -12,6 +12,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import chat_templates
 from serve.engine import Engine
 from serve.errors import APIError
 from serve.protocol import ChatCompletionRequest, ChatMessage
@@ -41,7 +42,7 @@ def _render_sync(model: ServedModel, messages: list[ChatMessage], add_generation
     if not template:
         raise APIError(
             f"model {model.name!r} has no chat template: start the server with --chat-template "
-            "(llama-2-chat, alpaca, alpaca-ja, alpaca-ja-bare, or a .jinja path) or --preset, "
+            f"({', '.join(chat_templates.names())}, or a .jinja path) or --preset, "
             "or send a formatted prompt to /v1/completions", 400, "messages", "no_chat_template")
     rendered: list[dict[str, str]] = []
     if model.default_system and not any(m.role in ("system", "developer") for m in messages):
