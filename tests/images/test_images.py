@@ -90,7 +90,7 @@ def image() -> str:
     if shutil.which("podman") is None or subprocess.run(
             ["podman", "image", "exists", images.CPU_IMAGE]).returncode:
         pytest.fail("podman or the image is missing: run `make test-images`, which builds it")
-    return images.CPU_IMAGE
+    return str(images.CPU_IMAGE)
 
 
 @pytest.fixture(scope="module")

@@ -60,7 +60,7 @@ def lifecycle(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Se
 
 def engine_procs(server: Server) -> list[psutil.Process]:
     with contextlib.suppress(psutil.NoSuchProcess):
-        return psutil.Process(server.proc.pid).children(recursive=True)
+        return list(psutil.Process(server.proc.pid).children(recursive=True))
     return []
 
 

@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
+from tests.apptest import assert_envelope, chat, client
 from tests.fakes import FakeEngine
 from tests.schemas import sse_payloads, validate
-from tests.unit.test_api import assert_envelope, chat, client
 
 PIECES = ["日本", "の首都は", "東京", "です。", "<", "/s", ">", "\n### 指示:"]
 

@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
 
 
-class _Loader(yaml.SafeLoader):
+class _Loader(yaml.SafeLoader):  # type: ignore[misc]  # PyYAML ships no type hints
     """Compose's `!reset` tag parses as an empty value."""
 
 
@@ -157,8 +157,10 @@ def test_one_model_name_across_deployments() -> None:
     from serve.cli import served_name
     from serve.config import Settings
 
-    assert served_name(Settings(model="/models/Swallow-MoE-4x7B-AWQ/")) == "Swallow-MoE-4x7B-AWQ"
-    assert served_name(Settings(model="/m/x", served_model_name="")) == "x"  # Compose's empty
+    settings = Settings.model_validate({"model": "/models/Swallow-MoE-4x7B-AWQ/"})
+    assert served_name(settings) == "Swallow-MoE-4x7B-AWQ"
+    settings = Settings.model_validate({"model": "/m/x", "served_model_name": ""})
+    assert served_name(settings) == "x"  # Compose's empty variable
 
 
 def test_grace_periods_cover_the_drain() -> None:

@@ -19,9 +19,9 @@ from serve.app import AppState, create_app
 from serve.config import Limits
 from serve.engine import EngineStep, SamplingSpec
 from serve.lifecycle import Liveness
+from tests.apptest import assert_envelope, chat, client, make_model
 from tests.fakes import FakeEngine
 from tests.schemas import sse_payloads, validate
-from tests.unit.test_api import assert_envelope, chat, client, make_model
 
 
 def raw(c: TestClient, body: bytes, path: str = "/v1/chat/completions",

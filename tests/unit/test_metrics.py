@@ -6,8 +6,8 @@ from typing import Any
 
 from prometheus_client import REGISTRY
 
+from tests.apptest import chat, client
 from tests.fakes import FakeEngine
-from tests.unit.test_api import chat, client
 
 
 def value(name: str, **labels: str) -> float:

@@ -60,7 +60,7 @@ def test_eos_from_every_source_of_a_real_model(tmp_path: Any) -> None:
     real = ensure_model("smollm2")
     tok = AutoTokenizer.from_pretrained(real)
     template = (real / "chat_template.jinja").read_text()
-    im_start, im_end = tok.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
+    im_start, im_end = (tok.convert_tokens_to_ids(t) for t in ("<|im_start|>", "<|im_end|>"))
     sources = EosSources.of(tok, real, template)
     assert sources.tokenizer == (im_start,) and sources.template == (im_end,)
     assert sources.generation_config == (im_end,) and sorted(sources.ids) == sorted((im_start, im_end))

@@ -287,7 +287,8 @@ def test_the_plugin_stands_aside_where_vllm_has_a_backend(monkeypatch: pytest.Mo
     object.__setattr__(layer, "moe_config", None)  # read only by the (faked) oracle
     config = AutoAWQConfig(4, 128, True, False, ["gate"], {"version": "gemm"})
     prefix = "model.layers.0.block_sparse_moe.experts"
-    assert AutoAWQConfig.get_quant_method(config, layer, prefix) == "vllm's method"
+    method: object = AutoAWQConfig.get_quant_method(config, layer, prefix)
+    assert method == "vllm's method"
     assert seen == [prefix]
 
 
@@ -306,7 +307,8 @@ def test_moegi_cpu_moe_plugin_takes_the_layer_even_beside_a_backend(
     layer = object.__new__(RoutedExperts)
     object.__setattr__(layer, "moe_config", None)
     config = AutoAWQConfig(4, 128, True, False, ["gate"], {"version": "gemm"})
-    assert AutoAWQConfig.get_quant_method(config, layer, "model.layers.0.mlp.experts") == "moegi's"
+    method: object = AutoAWQConfig.get_quant_method(config, layer, "model.layers.0.mlp.experts")
+    assert method == "moegi's"
     monkeypatch.setenv(vllm_plugin.CPU_MOE_ENV, "always")
     with pytest.raises(ValueError, match="MOEGI_CPU_MOE='always': use one of auto, plugin"):
         vllm_plugin.forced()
