@@ -14,6 +14,9 @@ What it does, in order:
   local wheel folder, file indexes, a constraints file, a CA bundle for a proxy) becomes build
   arguments that deploy/Dockerfile declares as `ARG` (visible to its `RUN` lines, absent from the
   image), with the folders mounted read-only into the build.
+- **The default model, when the host has built it.** The host's model cache is mounted where
+  the Dockerfile's first stage looks (`MOEGI_PREBUILT`): a model built from the same sources is
+  copied instead of trained again (minutes on 2 cores); anything else is built in the image.
 - **Podman's runtime flags.** `--runtime runc` and explicit `--ulimit`s at this host's hard limits:
   crun 1.8 fails on cgroup hybrid mode, and podman's default rlimits cannot be raised in some
   sandboxes (field notes). `containers_conf()` writes the same as a containers.conf, for
@@ -110,6 +113,14 @@ def pip_sources(conf_dir: Path) -> tuple[list[str], list[str]]:
     return build_args, [f for src, dst in sorted(mounts.items()) for f in ("-v", f"{src}:{dst}:ro")]
 
 
+def prebuilt() -> list[str]:
+    """The host's model cache, read-only where the Dockerfile's first stage looks for the default
+    model: built by `make models` from the same sources, it is copied instead of trained again
+    (the stage checks the fingerprint, and builds the model itself on any mismatch)."""
+    models = Path(os.environ.get("MOEGI_CACHE", Path.home() / ".cache" / "moegi")) / "models"
+    return ["-v", f"{models}:/run/moegi-prebuilt:ro"] if models.is_dir() else []
+
+
 def have(image: str) -> bool:
     return podman("image", "exists", image, check=False).returncode == 0
 
@@ -163,7 +174,8 @@ def main() -> None:
             return
         bases()
         if not args.bases_only:
-            build(CPU_IMAGE, DEPLOY / "Dockerfile", ["--build-arg", "RUNTIME=cpu", *build_args, *mounts])
+            build(CPU_IMAGE, DEPLOY / "Dockerfile", ["--build-arg", "RUNTIME=cpu", *build_args,
+                                                     *mounts, *prebuilt()])
 
 
 if __name__ == "__main__":
