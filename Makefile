@@ -127,7 +127,8 @@ podman:
 	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
 	  $$SUDO apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends \
-	    podman runc debootstrap uidmap slirp4netns fuse-overlayfs; }
+	    podman runc debootstrap uidmap slirp4netns fuse-overlayfs \
+	    golang-github-containernetworking-plugin-dnsname; }
 
 images: podman
 	$(PYTHON) deploy/podman/images.py

@@ -148,8 +148,9 @@ def debian_base() -> None:
 
 
 def build(tag: str, containerfile: Path, extra: list[str] | None = None) -> None:
-    podman("build", "--pull=never", *run_flags(), *(extra or []), "-f", str(containerfile),
-           "-t", tag, str(REPO))
+    # Docker's image format: podman's default (OCI) has no HEALTHCHECK and drops it.
+    podman("build", "--pull=never", "--format", "docker", *run_flags(), *(extra or []), "-f",
+           str(containerfile), "-t", tag, str(REPO))
 
 
 def bases() -> None:

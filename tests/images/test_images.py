@@ -73,13 +73,17 @@ class Container:
         """Runs the image's own HEALTHCHECK until it passes (podman has no timer here)."""
         while time.monotonic() - self.started < START_TIMEOUT_S:
             if self.state(".State.Status") == "exited":
-                raise RuntimeError("container exited:\n" + podman("logs", self.id, check=False))
+                raise RuntimeError("container exited:\n" + self.logs())
             if subprocess.run(["podman", "healthcheck", "run", self.id],
                               capture_output=True).returncode == 0:
                 self.startup_s = time.monotonic() - self.started
                 return
             time.sleep(2)
-        raise RuntimeError("not healthy in time:\n" + podman("logs", self.id, check=False)[-3000:])
+        raise RuntimeError("not healthy in time:\n" + self.logs())
+
+    def logs(self) -> str:
+        done = subprocess.run(["podman", "logs", self.id], capture_output=True, text=True)
+        return (done.stdout + done.stderr)[-3000:]
 
     def remove(self) -> None:
         podman("rm", "-f", "-t", "0", self.id, check=False)
@@ -152,15 +156,21 @@ def test_stop_drains_within_the_grace_period(embedded: Container) -> None:
     podman("stop", "-t", "30", embedded.id, timeout=60)
     took = time.monotonic() - start
     assert ended.wait(10), "the stream did not end when the server stopped"
-    assert embedded.state(".State.ExitCode") == "0", podman("logs", embedded.id)[-2000:]
+    assert embedded.state(".State.ExitCode") == "0", embedded.logs()
     assert took < 30, f"stop took {took:.1f} s: killed at the grace period, not drained"
 
 
 @pytest.fixture(scope="module")
-def mounted(image: str) -> Iterator[Container]:
-    model = ensure_model("tiny-chat-moe")  # the bf16 merge: not the embedded 4-bit model
+def mounted(image: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Container]:
+    # The bf16 merge (not the embedded 4-bit model), copied as a user's model folder: readable
+    # by all, as the container's user 1000 needs (the test cache's own folders are owner-only).
+    model = tmp_path_factory.mktemp("models") / "my-merge"
+    shutil.copytree(ensure_model("tiny-chat-moe"), model)
+    for p in (model, *model.rglob("*")):
+        p.chmod(0o755 if p.is_dir() else 0o644)
+    model.parent.chmod(0o755)
     c = Container("-v", f"{model}:/models/my-merge:ro", "-e", "MOEGI_MODEL=/models/my-merge",
-                  "-e", f"MOEGI_API_KEY={KEY}")
+                  "-e", f"MOEGI_API_KEY={KEY}", "-e", "MOEGI_CHAT_TEMPLATE=alpaca-ja")
     try:
         c.wait_healthy()
         yield c
@@ -199,19 +209,17 @@ def test_compose_stack_scrapes_moegi_on_the_built_in_model(image: str, tmp_path:
         moegi = podman("ps", "-q", "--filter", "label=com.docker.compose.service=moegi",
                        "--filter", "label=com.docker.compose.project=moegi-test")
         deadline = time.monotonic() + START_TIMEOUT_S
-        up = None
-        while time.monotonic() < deadline:
-            # Prometheus may not answer yet, or have no sample yet.
+        healthy = up = False
+        while time.monotonic() < deadline and not (healthy and up):
+            # moegi by its image's HEALTHCHECK; Prometheus may not answer or have a sample yet.
+            healthy = healthy or subprocess.run(["podman", "healthcheck", "run", moegi],
+                                                capture_output=True).returncode == 0
             with contextlib.suppress(httpx.HTTPError, KeyError, IndexError, ValueError):
                 r = httpx.get("http://127.0.0.1:9090/api/v1/query", params={"query":
                               'up{job="moegi"}'}, timeout=5).json()
-                results = r["data"]["result"]
-                if results and results[0]["value"][1] == "1":
-                    up = results[0]
-                    break
-            subprocess.run(["podman", "healthcheck", "run", moegi], capture_output=True)
+                up = r["data"]["result"][0]["value"][1] == "1"
             time.sleep(3)
-        assert up is not None, podman("logs", moegi, check=False)[-3000:]
+        assert healthy and up, podman("logs", moegi, check=False)[-3000:]
         targets = httpx.get("http://127.0.0.1:9090/api/v1/targets", timeout=5).json()
         health = [t["health"] for t in targets["data"]["activeTargets"]]
         assert health == ["up"], json.dumps(targets)[:2000]
