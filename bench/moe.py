@@ -75,7 +75,11 @@ def _llama(name: str, src: Path, kind: str) -> Engine:
         # streams, the prefill runs one 2,048-token prompt.
         cmd = [str(LLAMA_CPP / "build" / "bin" / "llama-server"), "-m", str(path), "--port",
                str(port), "--host", "127.0.0.1", "-t", "2", "-tb", "2", "-np", str(max(DECODE)),
-               "-c", "8192", "--kv-unified", "-a", "m"]
+               "-c", "8192", "--kv-unified", "-a", "m",
+               # With weight repacking on, llama.cpp's AMX path died at start-up on this AMX
+               # host (SIGILL: the kernel grants it no AMX tile state); its figures here are
+               # without repacked layouts and may understate it.
+               "--no-repack"]
         return ServerProcess(name, cmd, log_dir / f"{_slug(name)}.log", port)
     return Engine(name, start, moegi=False)
 
