@@ -123,15 +123,17 @@ test: lint models $(QSTAMP) $(CSTAMP) prometheus
 # Containers, built and run for real (CI runs this after `make test`): podman with runc, and
 # debootstrap for base-image stand-ins where no registry serves them (deploy/podman/images.py).
 podman:
-	@command -v podman >/dev/null && command -v runc >/dev/null && command -v debootstrap >/dev/null || { \
+	@command -v podman >/dev/null && command -v runc >/dev/null && command -v debootstrap >/dev/null \
+	  && test -x /usr/lib/cni/dnsname || { \
 	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
 	  $$SUDO apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends \
 	    podman runc debootstrap uidmap slirp4netns fuse-overlayfs \
 	    golang-github-containernetworking-plugin-dnsname; }
 
-images: podman
-	$(PYTHON) deploy/podman/images.py
+# The project's Python reads the machine's pip configuration (passed into the build) with pip.
+images: podman $(STAMP)
+	$(BIN)/python deploy/podman/images.py
 
 test-images: $(STAMP) images models
 	$(BIN)/python -m pytest -q -s tests/images
