@@ -57,11 +57,11 @@ def check_split(model_dir: Path, tensor_parallel: int, pipeline_parallel: int) -
     group = quant.get("group_size") if quant.get("quant_method") in ("awq", "gptq") else None
     if not group or group <= 0:
         return
-    for name, width in _row_parallel_inputs(config).items():
+    widths = _row_parallel_inputs(config)
+    for name, width in widths.items():
         if width % tensor_parallel or (width // tensor_parallel) % group:
             fits = [t for t in range(1, tensor_parallel + 1)
-                    if all(w % t == 0 and (w // t) % group == 0
-                           for w in _row_parallel_inputs(config).values())]
+                    if all(w % t == 0 and (w // t) % group == 0 for w in widths.values())]
             raise ValueError(
                 f"--tensor-parallel-size {tensor_parallel} gives each rank "
                 f"{width / tensor_parallel:g} of the {width} input channels of the {name}, not "

@@ -54,24 +54,26 @@ def podman(*args: str, check: bool = True, quiet: bool = False) -> subprocess.Co
     return subprocess.run(["podman", *args], check=check, text=True, stdout=out, stderr=out)
 
 
-def run_flags() -> list[str]:
-    """What `podman run`/`build` needs here: runc, and rlimits no higher than the hard ones."""
-    flags = []
-    if shutil.which("runc"):
-        flags += ["--runtime", "runc"]
+def _ulimits() -> list[str]:
+    """`name=soft:hard` per rlimit, no higher than this host's hard limits."""
+    out = []
     for name, res in (("nofile", resource.RLIMIT_NOFILE), ("nproc", resource.RLIMIT_NPROC)):
         hard = resource.getrlimit(res)[1]
         n = ULIMIT_CAP[name] if hard == resource.RLIM_INFINITY else min(hard, ULIMIT_CAP[name])
-        flags += ["--ulimit", f"{name}={n}:{n}"]
-    return flags
+        out.append(f"{name}={n}:{n}")
+    return out
+
+
+def run_flags() -> list[str]:
+    """What `podman run`/`build` needs here: runc, and rlimits no higher than the hard ones."""
+    runtime = ["--runtime", "runc"] if shutil.which("runc") else []
+    return runtime + [f for u in _ulimits() for f in ("--ulimit", u)]
 
 
 def containers_conf(path: Path) -> Path:
     """The same settings as a containers.conf (`CONTAINERS_CONF=path`), for podman-compose."""
-    flags = run_flags()
-    ulimits = [flags[i + 1] for i, f in enumerate(flags) if f == "--ulimit"]
-    lines = ["[containers]", "default_ulimits = [" + ", ".join(f'"{u}"' for u in ulimits) + "]"]
-    if "runc" in flags:
+    lines = ["[containers]", "default_ulimits = [" + ", ".join(f'"{u}"' for u in _ulimits()) + "]"]
+    if shutil.which("runc"):
         lines += ["[engine]", 'runtime = "runc"']
     path.write_text("\n".join(lines) + "\n")
     return path

@@ -29,6 +29,7 @@ import openai
 import pytest
 
 from serve.tiny.build import ensure_model
+from tests.integration.conftest import _free_port
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "deploy" / "podman"))
@@ -46,17 +47,9 @@ def podman(*args: str, timeout: float = 120, check: bool = True) -> str:
     return done.stdout.strip()
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class Container:
     def __init__(self, *args: str) -> None:
-        self.port = free_port()
+        self.port = _free_port()
         self.started = time.monotonic()
         self.id = podman("run", "-d", *images.run_flags(), "--shm-size=1g",
                          "-p", f"127.0.0.1:{self.port}:8000", *args, images.CPU_IMAGE)
