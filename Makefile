@@ -98,17 +98,17 @@ prometheus:
 
 # The default model (tiny-chat) is made in the quantize environment: experts, mergekit-moe, AWQ.
 models: $(STAMP) $(QSTAMP)
-	$(BIN)/python -m serve.tiny.build
+	$(BIN)/python -m tiny.build
 
 serve: $(STAMP) $(QSTAMP)
 	$(BIN)/python -m serve --host $(HOST) --port $(PORT) $(ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check serve quantize chat_templates tests bench evals deploy
+	$(BIN)/ruff check serve quantize awq vllm_plugins tiny chat_templates tests bench evals deploy
 	$(BIN)/mypy
 
 unit: $(STAMP)
-	$(BIN)/python -m pytest -q tests/unit
+	$(BIN)/python -m pytest -q tests -m 'not integration' --ignore=tests/images
 
 integration: $(STAMP) $(QSTAMP) $(CSTAMP) prometheus models
 	$(BIN)/python -m pytest -q tests/integration

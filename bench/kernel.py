@@ -1,14 +1,19 @@
-"""`python -m bench.kernel`: one expert projection of the CPU plugin against bfloat16, by rows.
+"""`python -m bench.kernel`: one 4-bit projection on moegi's CPU kernels against vLLM's and bf16.
 
-At the real expert shapes (Swallow-MoE-4x7B's w13 `[2 x 11008, 4096]`, Swallow-MX-8x7B's
-`[2 x 14336, 4096]`), it times, in this one process and interleaved round by round:
-torch's CPU int4 kernel (`_weight_int4pack_mm_for_cpu`), the plugin's large-batch path (tiles
-dequantized to bfloat16, then a bfloat16 matmul), and a bfloat16 `F.linear` on a resident bf16
-weight (what the bf16 model does). It prints milliseconds (median of rounds) and each path's
-ratio to bfloat16 per row count; the plugin's `LARGE_BATCH_ROWS` is where the second path starts
-to win over the first.
+At real shapes (an expert's w13 of Swallow-MoE-4x7B `[2 x 11008, 4096]` or Swallow-MX-8x7B
+`[2 x 14336, 4096]`, and the 4x7B's fused attention qkv `[12288, 4096]`), it times in this one
+process, interleaved round by round, per row count (tokens multiplied at once):
 
-    python -m bench.kernel [--rows 1,4,8,16,32,64,128,256,1024] [--rounds 5] [--shape 8x7b]
+- `int4`: torch's CPU int4 kernel (`_weight_int4pack_mm_for_cpu`), what moegi runs for few rows;
+- `tiled`: moegi's large-batch path (tiles dequantized to bfloat16, then a bfloat16 matmul);
+- `vllm`: vLLM's own CPU AWQ kernel (`cpu_gemm_wna16`), with AMX where the CPU has it, and
+  `vllm vec`, its path without AMX (what a CPU without AMX runs);
+- `bf16`: `F.linear` on a resident bfloat16 weight (what the bf16 model does).
+
+It prints milliseconds (median of rounds) and each path's ratio to bf16. The thresholds in
+vllm_plugins (`int4_cpu.LARGE_BATCH_ROWS`, `awq_cpu.SMALL_ROWS`) are read from these figures.
+
+    python -m bench.kernel [--rows 1,8,16,64,512] [--rounds 5] [--shape 4x7b-qkv]
 """
 
 from __future__ import annotations
@@ -21,9 +26,20 @@ from collections.abc import Callable
 
 import torch
 
-from serve import vllm_plugin
+from bench.models import REAL_SHAPES
+from vllm_plugins import int4_cpu
 
-SHAPES = {"4x7b": (2 * 11008, 4096), "8x7b": (2 * 14336, 4096)}
+
+def _shapes() -> dict[str, tuple[int, int]]:
+    """(N, K) of an expert's w13 per real shape, and of the 4x7B's fused attention qkv."""
+    out = {name: (2 * c["intermediate_size"], c["hidden_size"]) for name, c in REAL_SHAPES.items()}
+    c = REAL_SHAPES["4x7b"]
+    head_dim = c["hidden_size"] // c["num_attention_heads"]
+    out["4x7b-qkv"] = (c["hidden_size"] + 2 * c["num_key_value_heads"] * head_dim, c["hidden_size"])
+    return out
+
+
+SHAPES = _shapes()
 
 
 def _time(fn: Callable[[], object]) -> float:
@@ -32,33 +48,55 @@ def _time(fn: Callable[[], object]) -> float:
     return (time.perf_counter() - start) * 1000
 
 
+def vllm_layout(q: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unpacked `q [K, N]` and zeros `[K/G, N]` -> vLLM's CPUWNA16 weight and zero layout, as
+    `CPUWNA16LinearKernel._process_gptq_weights_w4a16` makes them."""
+    from vllm.model_executor.layers.quantization.utils.quant_utils import (
+        pack_quantized_values_into_int32,
+    )
+    from vllm.scalar_type import scalar_types
+
+    k = q.shape[0]
+    w = pack_quantized_values_into_int32(q, scalar_types.uint4, 1)
+    w = w.view(k, -1, 2).permute(1, 0, 2).reshape(-1, k * 2).contiguous()
+    return w, pack_quantized_values_into_int32(z, scalar_types.uint4, 1).contiguous()
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.kernel", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rows", default="1,4,8,16,32,64,128,256,1024")
+    p.add_argument("--rows", default="1,4,8,16,32,64,128,512")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--shape", choices=tuple(SHAPES), default="8x7b")
     p.add_argument("--group", type=int, default=128)
     a = p.parse_args(argv)
+    from vllm import _custom_ops as ops
+
     n, k = SHAPES[a.shape]
     gen = torch.Generator().manual_seed(0)
-    q = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.int32)
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2)
-    sz = torch.stack([torch.rand(k // a.group, n) * 0.01 + 0.001,
-                      torch.rand(k // a.group, n) * 0.01], -1).to(torch.bfloat16)
-    dense = torch.randn(n, k).to(torch.bfloat16)
+    q = torch.randint(0, 16, (k, n), generator=gen, dtype=torch.int32)
+    z = torch.randint(0, 16, (k // a.group, n), generator=gen, dtype=torch.int32)
+    s = torch.rand(k // a.group, n, generator=gen) * 0.01 + 0.001
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.t().contiguous(), 2)
+    sz = torch.stack([s, (8 - z.float()) * s], -1).to(torch.bfloat16)
+    vw, vz = vllm_layout(q, z)
+    vs = s.to(torch.bfloat16)
+    dense = torch.randn(n, k, generator=gen).to(torch.bfloat16)
     del q
-    print(f"w13 of {a.shape}: N {n}, K {k}, group {a.group}, {torch.get_num_threads()} threads; "
-          f"ms, median of {a.rounds} rounds")
-    print("| rows | int4 kernel | dequant + bf16 matmul | bf16 F.linear | int4 / bf16 | "
-          "dequant / bf16 |")
-    print("|---:|---:|---:|---:|---:|---:|")
+    amx = "amx" if torch.cpu._is_amx_tile_supported() else "vec"
+    print(f"{a.shape}: N {n}, K {k}, group {a.group}, {torch.get_num_threads()} threads, vLLM "
+          f"kernel {amx}; ms, median of {a.rounds} rounds (ratio to bf16)")
+    names = ["int4", "tiled", "vllm", "vllm vec", "bf16"]
+    print("| rows | " + " | ".join(names) + " |")
+    print("|---:|" + "---:|" * len(names))
     for rows in map(int, a.rows.split(",")):
         x = torch.randn(rows, k, generator=gen).to(torch.bfloat16)
         paths: dict[str, Callable[[], object]] = {
             "int4": functools.partial(torch.ops.aten._weight_int4pack_mm_for_cpu, x, packed,
                                       a.group, sz),
-            "dequant": functools.partial(vllm_plugin._dequant_mm, x, packed, sz, a.group),
+            "tiled": functools.partial(int4_cpu._dequant_mm, x, packed, sz, a.group),
+            "vllm": functools.partial(ops.cpu_gemm_wna16, x, vw, vs, vz, None, 8, amx),
+            "vllm vec": functools.partial(ops.cpu_gemm_wna16, x, vw, vs, vz, None, 8, "vec"),
             "bf16": functools.partial(torch.nn.functional.linear, x, dense),
         }
         for fn in paths.values():  # warm-up
@@ -68,9 +106,8 @@ def main(argv: list[str] | None = None) -> int:
             for name, fn in paths.items():
                 times[name].append(_time(fn))
         med = {name: statistics.median(t) for name, t in times.items()}
-        print(f"| {rows} | {med['int4']:.1f} | {med['dequant']:.1f} | {med['bf16']:.1f} | "
-              f"{med['int4'] / med['bf16']:.2f} | {med['dequant'] / med['bf16']:.2f} |",
-              flush=True)
+        cells = [f"{med[name]:.1f} ({med[name] / med['bf16']:.2f}x)" for name in names]
+        print(f"| {rows} | " + " | ".join(cells) + " |", flush=True)
     return 0
 
 

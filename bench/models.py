@@ -18,14 +18,17 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from serve.tiny.build import REPO, cache_root, ensure_model, quantize_python
+from tiny import shapes
+from tiny.build import REPO, cache_root, ensure_model, quantize_python
 
 BYTE_PIECES = range(3, 259)  # <0x00>..<0xFF> in the tiny tokenizer (after unk, bos, eos)
 COMMON: dict[str, Any] = dict(max_position_embeddings=4096, rms_norm_eps=1e-5, bos_token_id=1,
                               eos_token_id=2, tie_word_embeddings=False)
-TINY_MOE: dict[str, Any] = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                                num_attention_heads=4, num_key_value_heads=2,
-                                num_local_experts=4, num_experts_per_tok=2)
+# The embedded tiny models' shapes (tiny/shapes.py), as a Mixtral.
+TINY_MOE: dict[str, Any] = {**{k: shapes.COMMON[k] for k in (
+    "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads")}, "num_local_experts": shapes.EXPERTS,
+    "num_experts_per_tok": shapes.EXPERTS_PER_TOKEN}
 LARGE_MOE: dict[str, Any] = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
                                  num_attention_heads=8, num_key_value_heads=8,
                                  num_local_experts=8, num_experts_per_tok=2)

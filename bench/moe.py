@@ -40,14 +40,14 @@ from pathlib import Path
 from bench.common import REPO, ServerProcess, Stream, concurrent, decode_rate, free_port, realtime, table
 from bench.models import REAL_SHAPES
 from bench.models import model as bench_model
-from serve.tiny.build import cache_root
+from tiny.build import cache_root
 
 LLAMA_CPP = REPO / ".venv-bench"
 PREFILL = (128, 2048)
 DECODE = (1, 8, 32)
 DECODE_TOKENS = 64
 VOCAB = range(259, 600)  # the tiny tokenizer's pieces after <unk> <s> </s> and the 256 bytes
-PLUGIN_LOG = "run on moegi's CPU kernel"  # serve/vllm_plugin.py's line when it takes a layer
+PLUGIN_LOG = "run on moegi's CPU kernel"  # vllm_plugins/awq_cpu.py's line when it takes a layer
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """`make bench-quality`: what 4 bits cost a real model, AWQ against round-to-nearest.
 
-For SmolLM2-135M-Instruct (from its PyPI package, serve/tiny/real.py) and the mergekit-moe merge
+For SmolLM2-135M-Instruct (from its PyPI package, tiny/real.py) and the mergekit-moe merge
 of two experts derived from it, at each group size that divides their widths (32 and 64; 128
 does not divide 576), it runs `moegi-quantize` (AWQ, moegi's defaults but for the calibration
 length) and `moegi-quantize verify` on two held-out texts: moegi's Japanese and English
@@ -23,8 +23,8 @@ import time
 import zipfile
 from pathlib import Path
 
-from serve.tiny.build import cache_root, ensure_model, quantize_python
-from serve.tiny.real import fetch_gguf
+from tiny.build import cache_root, ensure_model, quantize_python
+from tiny.real import fetch_gguf
 
 _FIGURES = re.compile(r"mean KL ([\d.]+) nats, top-1 agreement ([\d.]+)%.*round-to-nearest vs "
                       r"original: ([\d.]+) nats")

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from bench.common import REPO, table
 from bench.models import model as bench_model
-from serve.tiny.build import quantize_python
+from tiny.build import quantize_python
 
 SHAPE = dict(hidden_size=1024, intermediate_size=2048, num_attention_heads=8,
              num_key_value_heads=8, num_local_experts=4, num_experts_per_tok=2)

@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{clients_python()} is missing: run `make clients-env` (or set "
               "MOEGI_CLIENTS_PYTHON to a Python with lm-eval[api])", file=sys.stderr)
         return 2
-    from serve.tiny.build import BUILDERS, ensure_model
+    from tiny.build import BUILDERS, ensure_model
 
     def resolve(arg: str) -> Path:
         path = Path(arg)

@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+
+from quantize import loaders
+from quantize.options import Options, Result
 
 
 def _version(dist: str) -> str:
@@ -25,26 +27,7 @@ def _size(n: int) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**28 else f"{n / 2**20:.2f} MiB"
 
 
-# What was run where (README: Loaders). A row says "not run" where no machine could run it.
-LOADERS_MOE = [
-    "| moegi on a CPU (vLLM + moegi's MoE plugin) | yes | served in moegi's tests; greedy tokens "
-    "equal the reference forward |",
-    "| vLLM `awq_marlin` / `awq` on CUDA (Marlin MoE) | the AutoAWQ GEMM layout it reads | not run: "
-    "no GPU |",
-    "| TGI | the AutoAWQ GEMM layout it reads | not run: no GPU |",
-    "| transformers 5 (+ gptqmodel) | no: the experts load as missing weights | tried by hand "
-    "(gptqmodel 7.7.0, transformers 5.19) |",
-]
-LOADERS_DENSE = [
-    "| moegi / vLLM on a CPU (`CPUWNA16LinearKernel`) | yes | served in moegi's tests |",
-    "| vLLM `awq_marlin` / `awq` on CUDA | the AutoAWQ GEMM layout it reads | not run: no GPU |",
-    "| TGI | the AutoAWQ GEMM layout it reads | not run: no GPU |",
-    "| transformers 5 + gptqmodel | yes | by hand (gptqmodel 7.7.0, transformers 5.19, CPU): "
-    "logits within 0.1% of the checkpoint's reference forward |",
-]
-
-
-def render_card(opts: Any, result: Any) -> str:
+def render_card(opts: Options, result: Result) -> str:
     name = opts.out.name
     base = opts.model.name
     spec = result.spec
@@ -52,7 +35,7 @@ def render_card(opts: Any, result: Any) -> str:
     fmt = "AutoAWQ GEMM" if opts.format == "awq-gemm" else "compressed-tensors pack-quantized"
     quant_method = "awq" if opts.format == "awq-gemm" else "compressed-tensors"
     method = "AWQ (activation-aware)" if opts.method == "awq" else "round-to-nearest"
-    kept = "the MoE routers (`gate`) and `lm_head`" if spec.is_moe else "`lm_head`"
+    kept = spec.kept_text
     lines = [
         f"# {name}",
         "",
@@ -102,9 +85,7 @@ def render_card(opts: Any, result: Any) -> str:
         "What reads this checkpoint, and what moegi checked (its test suite runs on a CPU; no "
         "GPU, TGI or Docker engine was available there):",
         "",
-        "| Loader | Reads it | Checked |",
-        "|---|---|---|",
-        *(LOADERS_MOE if spec.is_moe else LOADERS_DENSE),
+        *loaders.card_rows(spec.is_moe),
         "",
         "## Run it",
         "",
@@ -153,7 +134,7 @@ def render_card(opts: Any, result: Any) -> str:
     return "\n".join(lines)
 
 
-def write_card(folder: Path, opts: Any, result: Any) -> None:
+def write_card(folder: Path, opts: Options, result: Result) -> None:
     (folder / "README.md").write_text(render_card(opts, result), encoding="utf-8")
     meta = {"base_model": str(opts.model), "method": opts.method, "format": opts.format,
             "group_size": opts.group_size, "observer": opts.observer,

@@ -20,8 +20,8 @@ from typing import Any, BinaryIO
 import torch
 from safetensors import safe_open
 
-from quantize.gemm import from_compressed
-from quantize.mappings import ArchSpec
+from awq.layout import from_compressed
+from awq.registry import ArchSpec
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "tokenizer.model", "added_tokens.json", "chat_template.jinja",
@@ -257,7 +257,7 @@ def check_repack(ct_dir: Path, gemm_dir: Path, spec: ArchSpec) -> int:
     from compressed_tensors.quantization import QuantizationArgs
     from compressed_tensors.quantization.lifecycle.forward import dequantize as ct_dequantize
 
-    from quantize import gemm
+    from awq import layout as gemm
 
     written = Shards(gemm_dir)  # one tensor at a time: the output may be larger than memory
     checked = 0

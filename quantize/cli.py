@@ -15,16 +15,17 @@ import os
 import sys
 from pathlib import Path
 
+from awq.registry import UnsupportedArchitecture
+from quantize import options
 from quantize import run as runner
 from quantize.calibration import CalibrationError
-from quantize.mappings import UnsupportedArchitecture
 
 
 def _model_path(arg: str) -> Path:
     path = Path(arg)
     if path.exists() or "/" in arg:
         return path
-    from serve.tiny.build import BUILDERS, ensure_model
+    from tiny.build import BUILDERS, ensure_model
 
     return ensure_model(arg) if arg in BUILDERS else path
 
@@ -34,8 +35,8 @@ def quantize_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", help="a local Hugging Face model folder (or a tiny test model name)")
     p.add_argument("out", type=Path, help="output folder (must not exist unless --overwrite)")
-    p.add_argument("--format", choices=runner.FORMATS, default="awq-gemm")
-    p.add_argument("--method", choices=("awq", "rtn"), default="awq",
+    p.add_argument("--format", choices=options.FORMATS, default="awq-gemm")
+    p.add_argument("--method", choices=options.METHODS, default="awq",
                    help="rtn: plain round-to-nearest, for comparison")
     p.add_argument("--calib", type=Path, help='JSONL of {"text": ...} or {"messages": [...]}; '
                    "default: the built-in Japanese + English set")
@@ -45,7 +46,7 @@ def quantize_parser() -> argparse.ArgumentParser:
                    help="inputs per scale and zero point; default 128, or the largest size "
                         "that divides the model's layer widths and that every serving kernel "
                         "runs (64 for a hidden size of 576)")
-    p.add_argument("--observer", choices=tuple(runner.OBSERVERS), default=runner.DEFAULT_OBSERVER,
+    p.add_argument("--observer", choices=tuple(options.OBSERVERS), default=options.DEFAULT_OBSERVER,
                    help="how each group's range is set after AWQ scaling: imatrix (default) "
                         "searches the clipping with the least activation-weighted error, as "
                         "AutoAWQ's auto_clip does; mse the least weight error; minmax takes the "

@@ -18,21 +18,18 @@ from __future__ import annotations
 
 import copy
 import json
-import re
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from awq import registry
+from awq.layout import dequantize
+from awq.registry import Experts
 from quantize.checkpoint import Shards
-from quantize.gemm import dequantize
 
 # A per-layer hook on each (name, weight) of a linear layer: RTN fake-quantization, say.
 WeightTransform = Callable[[str, torch.Tensor], torch.Tensor]
-_EXPERT = re.compile(r"^(?:block_sparse_moe|mlp)\.experts\.(\d+)\.(w1|w2|w3|gate_proj|up_proj|"
-                     r"down_proj)\.weight$")
-_UP = {"w1": "gate", "gate_proj": "gate", "w3": "up", "up_proj": "up", "w2": "down",
-       "down_proj": "down"}
 
 
 def layer_tensors(shards: Shards, index: int, dtype: torch.dtype = torch.float32,
@@ -58,29 +55,30 @@ def layer_tensors(shards: Shards, index: int, dtype: torch.dtype = torch.float32
     return out
 
 
-def module_state(tensors: dict[str, torch.Tensor], experts: int) -> dict[str, torch.Tensor]:
+def module_state(tensors: dict[str, torch.Tensor], experts: Experts | None,
+                 count: int) -> dict[str, torch.Tensor]:
     """A layer's tensors, from any MoE layout, as transformers 5's Mixtral modules name them:
     `mlp.gate.weight` [E, H], `mlp.experts.gate_up_proj` [E, 2I, H] (gate rows, then up),
     `mlp.experts.down_proj` [E, H, I]. Dense layers pass through unchanged."""
     state: dict[str, torch.Tensor] = {}
     parts: dict[tuple[int, str], torch.Tensor] = {}
     for name, t in tensors.items():
-        m = _EXPERT.match(name)
-        if m:
-            parts[(int(m.group(1)), _UP[m.group(2)])] = t
-        elif name == "block_sparse_moe.gate.weight":
+        role = experts.match(name) if experts else None
+        if role:
+            parts[role] = t
+        elif experts and name == experts.router:
             state["mlp.gate.weight"] = t
         else:
             state[name] = t
     if parts:
-        missing = [(e, p) for e in range(experts) for p in ("gate", "up", "down")
+        missing = [(e, p) for e in range(count) for p in ("gate", "up", "down")
                    if (e, p) not in parts]
-        if missing or len(parts) != 3 * experts:
+        if missing or len(parts) != 3 * count:
             raise KeyError(f"expert tensors missing or unexpected: {missing[:4]} "
-                           f"({len(parts)} found for {experts} experts)")
+                           f"({len(parts)} found for {count} experts)")
         state["mlp.experts.gate_up_proj"] = torch.stack(
-            [torch.cat([parts[(e, "gate")], parts[(e, "up")]]) for e in range(experts)])
-        state["mlp.experts.down_proj"] = torch.stack([parts[(e, "down")] for e in range(experts)])
+            [torch.cat([parts[(e, "gate")], parts[(e, "up")]]) for e in range(count)])
+        state["mlp.experts.down_proj"] = torch.stack([parts[(e, "down")] for e in range(count)])
     return state
 
 
@@ -103,12 +101,13 @@ class LayerwiseLM:
             skeleton = AutoModelForCausalLM.from_config(one)  # type: ignore[no-untyped-call]
         self._layer_template = skeleton.model.layers[0]
         self.rotary = type(skeleton.model.rotary_emb)(config=self.config)
-        self.experts = int(getattr(self.config, "num_local_experts", 0) or 0)
+        self.spec = registry.for_config(raw)
+        self.experts = int(raw.get(self.spec.experts.count_key, 0)) if self.spec.experts else 0
 
     def layer(self, index: int) -> torch.nn.Module:
         layer = copy.deepcopy(self._layer_template).to_empty(device="cpu")
         tensors = layer_tensors(self.shards, index, self.dtype, self.transform)
-        layer.load_state_dict(module_state(tensors, self.experts), strict=True)
+        layer.load_state_dict(module_state(tensors, self.spec.experts, self.experts), strict=True)
         layer.self_attn.layer_idx = index
         module: torch.nn.Module = layer.to(self.dtype).eval()
         return module

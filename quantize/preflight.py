@@ -9,7 +9,6 @@ seconds, with a message that names the fix.
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -18,13 +17,11 @@ from typing import Any
 
 from safetensors import safe_open
 
-from quantize import mappings
-from quantize.mappings import ArchSpec
+from awq import registry
+from awq.registry import ArchSpec
+from quantize.options import FORMATS
 
-FORMATS = ("awq-gemm", "compressed-tensors")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
-# Kept in 16 bits by the quantizer: embeddings, the head, norms, MoE routers, biases.
-_KEPT = re.compile(r"(embed_tokens|lm_head|norm|\.gate\.weight$|\.bias$)")
 
 
 # Group sizes the serving kernels run: moegi's CPU MoE plugin (PyTorch's int4 kernel takes
@@ -93,7 +90,7 @@ class Plan:
     group_note: str | None  # why the group size is not the default, or where it does not run
 
 
-def _tensor_sizes(model: Path, group_size: int) -> tuple[int, int]:
+def _tensor_sizes(model: Path, group_size: int, spec: ArchSpec) -> tuple[int, int]:
     """(bytes on disk, estimated bytes of the 4-bit output), from the shards' headers only."""
     on_disk = out = 0
     for shard in sorted(model.glob("*.safetensors")):
@@ -105,7 +102,7 @@ def _tensor_sizes(model: Path, group_size: int) -> tuple[int, int]:
                     n *= d
                 size = {"F32": 4, "F16": 2, "BF16": 2}.get(t.get_dtype(), 4)
                 on_disk += n * size
-                kept = _KEPT.search(key) or len(t.get_shape()) < 2
+                kept = spec.keeps(key) or len(t.get_shape()) < 2
                 # 4 bits a weight, and per group: an fp16 scale and a 4-bit zero point.
                 out += n * 2 if kept else n // 2 + n * 5 // (2 * group_size)
     return on_disk, out
@@ -132,7 +129,7 @@ def check(model: Path, out: Path, *, fmt: str, group_size: int | None, num_sampl
     if calib is not None and not calib.is_file():
         raise QuantizeError(f"--calib {calib}: no such file")
     config = json.loads((model / "config.json").read_text())
-    spec = mappings.for_config(config)
+    spec = registry.for_config(config)
     group_size, group_note = choose_group_size(config, group_size)
     src, dst = model.resolve(), out.resolve()
     if _same_or_nested(src, dst):
@@ -150,7 +147,7 @@ def check(model: Path, out: Path, *, fmt: str, group_size: int | None, num_sampl
     if not list(model.glob("*.safetensors")):
         raise QuantizeError(f"{model} has no .safetensors weights: save the model with "
                             "safe_serialization (transformers' default) first")
-    model_bytes, out_bytes = _tensor_sizes(model, group_size)
+    model_bytes, out_bytes = _tensor_sizes(model, group_size, spec)
     parent = dst.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)

@@ -24,60 +24,19 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from awq.registry import ArchSpec
 from quantize import calibration, checkpoint, compat, pipeline, preflight, verify
-from quantize.mappings import ArchSpec
-from quantize.preflight import FORMATS, QuantizeError
+from quantize.options import FORMATS, OBSERVERS, Method, Observer, Options, Result
+from quantize.preflight import QuantizeError
 
 __all__ = ["FORMATS", "Options", "QuantizeError", "Result", "quantize"]
 
 
-# How each group's range is set once AWQ has scaled the weights (llm-compressor's observers):
-# "minmax" takes the group's extremes; "mse" searches the clipped range with the least weight
-# error; "imatrix" searches it with the error weighted by each input channel's mean squared
-# activation on the calibration data, the output-aware clipping AutoAWQ calls auto_clip.
-# Measured on SmolLM2-135M (group 64, 32 x 256 calibration tokens), mean KL on held-out text
-# against round-to-nearest's: minmax 0.57x, mse 0.57x, imatrix 0.51x (README: Quantize).
-OBSERVERS = {"minmax": "memoryless_minmax", "mse": "memoryless_mse", "imatrix": "imatrix_mse"}
-DEFAULT_OBSERVER = "imatrix"
-
-
-@dataclass
-class Options:
-    model: Path
-    out: Path
-    format: str = "awq-gemm"
-    method: str = "awq"  # "rtn": round-to-nearest, same bits and groups (for comparison)
-    calib: Path | None = None
-    num_samples: int = 128
-    seq_len: int = 512
-    group_size: int | None = None  # None: the largest size every serving kernel runs that fits
-    overwrite: bool = False
-    max_shard_gb: float = 1.0  # llm-compressor's save holds one shard in memory
-    accept_quality_loss: bool = False  # publish a checkpoint that beats RTN but passes the limit
-    observer: str = DEFAULT_OBSERVER  # OBSERVERS: how each group's range is set after scaling
-
-
-@dataclass
-class Result:
-    out: Path
-    spec: ArchSpec
-    calib: calibration.Calibration
-    seconds: float
-    peak_rss_gb: float
-    peak_gpu_gb: float | None
-    device: str
-    size_bytes: int
-    gate: verify.Gate
-    group_note: str | None = None
-    report: checkpoint.WriteReport | None = None
-
-
-
-def recipe(spec: ArchSpec, method: str, group_size: int, observer: str = "minmax") -> list[Any]:
+def recipe(spec: ArchSpec, method: Method, group_size: int,
+           observer: Observer = "minmax") -> list[Any]:
     from llmcompressor.modifiers.quantization import QuantizationModifier
     from llmcompressor.modifiers.transform.awq import AWQModifier
 

@@ -14,6 +14,7 @@ than round-to-nearest, yet past the absolute limit), which may be published on r
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from awq import registry
 from quantize import calibration
 from quantize.layerwise import LayerwiseLM, WeightTransform
 
@@ -34,7 +36,6 @@ MIN_TOP1 = 0.85
 GATE_SEQUENCES = 4
 GATE_TOKENS = 64
 _JA = re.compile(r"[\u3040-\u30ff\u4e00-\u9fff]")
-_NOT_QUANTIZED = re.compile(r"(^|\.)(gate|router)\.weight$")  # MoE routers stay in fp16
 
 
 class VerifyError(AssertionError):
@@ -55,9 +56,12 @@ def fake_quantize(w: torch.Tensor, group_size: int, bits: int = 4) -> torch.Tens
     return out
 
 
-def rtn_transform(group_size: int) -> WeightTransform:
+def rtn_transform(group_size: int, original: Path) -> WeightTransform:
+    """Round-to-nearest on what the quantizer quantizes (the registry says what stays 16-bit)."""
+    spec = registry.for_config(json.loads((original / "config.json").read_text()))
+
     def transform(name: str, w: torch.Tensor) -> torch.Tensor:
-        if _NOT_QUANTIZED.search(name) or "norm" in name:
+        if spec.keeps(name):
             return w
         return fake_quantize(w, group_size)
 
@@ -136,7 +140,7 @@ def gate(checkpoint: Path, original: Path, tokenizer: object, group_size: int) -
     texts = calibration.heldout_texts()[:GATE_SEQUENCES]
     seqs = [tokenizer.encode(t)[:GATE_TOKENS] for t in texts]  # type: ignore[attr-defined]
     reference = LayerwiseLM(original).logits(seqs)
-    rtn = LayerwiseLM(original, transform=rtn_transform(group_size)).logits(seqs)
+    rtn = LayerwiseLM(original, transform=rtn_transform(group_size, original)).logits(seqs)
     return Gate(*compare(reference, LayerwiseLM(checkpoint).logits(seqs)),
                 *compare(reference, rtn))
 
@@ -204,7 +208,7 @@ def verify(ckpt: Path, original: Path, eval_file: Path | None = None,
               "all": list(range(len(texts)))}
     logits = {"original": LayerwiseLM(original).logits(seqs),
               "awq": LayerwiseLM(ckpt).logits(seqs),
-              "rtn": LayerwiseLM(original, transform=rtn_transform(group_size)).logits(seqs)}
+              "rtn": LayerwiseLM(original, transform=rtn_transform(group_size, original)).logits(seqs)}
     ppl = {name: {g: perplexity([lg[i] for i in idx], [seqs[i] for i in idx])
                   for g, idx in groups.items() if idx}
            for name, lg in logits.items()}

@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -159,22 +159,27 @@ class Settings(BaseSettings):
         return {**{k: v for k, v in args.items() if v is not None}, **self.engine_args}
 
 
+def default(name: str) -> Any:
+    """A setting's default: the one place defaults live is the Settings class above."""
+    return Settings.model_fields[name].default
+
+
 @dataclass(frozen=True)
 class Limits:
-    """The per-request bounds the serving layer enforces (a view of Settings)."""
+    """The per-request bounds the serving layer enforces (a view of Settings; by default, its
+    defaults)."""
 
-    max_prompts: int = 32
-    max_choices: int = 64
-    max_stop: int = 16
-    max_stop_length: int = 256
-    max_stop_token_ids: int = 64
-    max_logit_bias: int = 300
-    max_logprobs: int = 20
+    max_prompts: int = field(default_factory=lambda: default("max_prompts"))
+    max_choices: int = field(default_factory=lambda: default("max_choices"))
+    max_stop: int = field(default_factory=lambda: default("max_stop"))
+    max_stop_length: int = field(default_factory=lambda: default("max_stop_length"))
+    max_stop_token_ids: int = field(default_factory=lambda: default("max_stop_token_ids"))
+    max_logit_bias: int = field(default_factory=lambda: default("max_logit_bias"))
+    max_logprobs: int = field(default_factory=lambda: default("max_logprobs"))
 
     @classmethod
     def of(cls, s: Settings) -> Limits:
-        return cls(s.max_prompts, s.max_choices, s.max_stop, s.max_stop_length,
-                   s.max_stop_token_ids, s.max_logit_bias, s.max_logprobs)
+        return cls(**{f.name: getattr(s, f.name) for f in fields(cls)})
 
 
 def check_before_load(settings: Settings) -> None:

@@ -25,6 +25,12 @@ class EngineInputError(ValueError):
         self.param = param
 
 
+# What a request sets, the spec carries and vLLM's SamplingParams reads, all under these names:
+# listed once, passed through by protocol.py (`to_spec`) and vllm_engine.py (`_params`).
+PASSTHROUGH = ("n", "temperature", "top_p", "min_p", "seed", "presence_penalty",
+               "frequency_penalty", "repetition_penalty", "ignore_eos", "skip_special_tokens")
+
+
 @dataclass(frozen=True, slots=True)
 class SamplingSpec:
     """Engine-neutral sampling settings, built and validated by the protocol layer."""

@@ -13,7 +13,7 @@ byte, and `/metrics` and `/health` (scrapes and probes) are left out of the requ
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 from prometheus_client import Counter, Gauge, Histogram, Info
@@ -21,12 +21,10 @@ from prometheus_client import Counter, Gauge, Histogram, Info
 from serve.errors import ASGIApp, Message, Receive, Scope, Send, error_type
 
 if TYPE_CHECKING:
-    from serve.serving import ServedModel
+    from serve.model import ServedModel
 
 
-# Label values are bounded: unknown paths are counted as "other" (scanners, typos).
-ROUTES = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/models",
-                    "/tokenize", "/detokenize", "/tokenizer_info", "/version"})
+# Not counted: Prometheus' scrapes and orchestrators' probes would drown the API's own figures.
 UNMETERED = frozenset({"/metrics", "/health"})
 
 _LATENCY = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0)
@@ -65,17 +63,13 @@ REJECTED = Counter("moegi_rejected_requests", "Requests refused for overload: to
 RUNNING = Gauge("moegi_requests_running", "Requests holding an engine slot (admission control)",
                 ["model"])
 WAITING = Gauge("moegi_requests_waiting", "Requests waiting for an engine slot", ["model"])
-ADMITTED_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/responses")
 REJECT_REASONS = ("too_many_requests", "engine_saturated")
 
 
-def route_of(path: str) -> str:
-    return path if path in ROUTES else "other"
-
-
-def set_model_info(model: ServedModel) -> None:
-    # Counters a dashboard reads start at 0, so their panels show 0 rather than "No data".
-    for route in ADMITTED_ROUTES:
+def set_model_info(model: ServedModel, admitted_routes: Iterable[str]) -> None:
+    """The model's info metric, and at 0 the series a dashboard reads for it, so its panels
+    show 0 rather than "No data" (`admitted_routes`: the routes that take engine slots)."""
+    for route in admitted_routes:
         for reason in REJECT_REASONS:
             REJECTED.labels(route, model.name, reason)
     RUNNING.labels(model.name).set(0)
@@ -99,16 +93,20 @@ def observe_usage(model: str, prompt_tokens: int, generation_tokens: int) -> Non
 
 
 class MetricsMiddleware:
-    """Counts, times and classifies every API request; `model()` names the served model."""
+    """Counts, times and classifies every API request; `model()` names the served model, and
+    `routes()` the app's route table (read from the app: label values stay bounded, as an
+    unknown path is counted as "other")."""
 
-    def __init__(self, app: ASGIApp, model: Callable[[], str]) -> None:
-        self.app, self.model = app, model
+    def __init__(self, app: ASGIApp, model: Callable[[], str],
+                 routes: Callable[[], frozenset[str]]) -> None:
+        self.app, self.model, self.routes = app, model, routes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in UNMETERED:
             await self.app(scope, receive, send)
             return
-        route, model = route_of(scope["path"]), self.model()
+        path, model = scope["path"], self.model()
+        route = path if path in self.routes() else "other"
         start = time.perf_counter()
         status = 500  # stays so if the app raises before answering (the error handler's 500)
         streaming = False

@@ -15,7 +15,7 @@ from typing import Any
 import chat_templates
 from chat_templates.presets import PRESETS, Preset, config_name, match, named
 from serve.config import Limits, Settings
-from serve.serving import ServedModel
+from serve.model import ServedModel
 from serve.stops import EosSources, StopPolicy
 
 log = logging.getLogger("moegi")

@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal, Self
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from serve.engine import SamplingSpec
+from serve.engine import PASSTHROUGH, SamplingSpec
 
 INT64 = 2**63
 
@@ -41,16 +41,19 @@ class StreamOptions(BaseModel):
 
 
 class TextPart(BaseModel):
-    type: Literal["text", "input_text", "output_text"]
-    text: Text
+    type: Literal["text", "input_text", "output_text"] = Field(
+        description="A text part; the three names OpenAI's APIs use are read alike.")
+    text: Text = Field(description="The text.")
 
 
 class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant"] = Field(
         description="developer is treated as system; tool messages are not supported."
     )
-    content: Text | list[TextPart] | None = None
-    name: Text | None = None
+    content: Text | list[TextPart] | None = Field(
+        None, description="The message text, or a list of text parts (joined).")
+    name: Text | None = Field(default=None, description="The author's name, passed to the "
+                              "template.")
 
     def text(self) -> str:
         if self.content is None:
@@ -61,15 +64,17 @@ class ChatMessage(BaseModel):
 
 
 class JsonSchemaFormat(BaseModel):
-    name: Text = "response"
-    description: Text | None = None
-    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
-    strict: bool | None = None
+    name: Text = Field("response", description="The schema's name.")
+    description: Text | None = Field(None, description="What the schema is for (not used).")
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema",
+                                    description="The JSON Schema the reply must follow.")
+    strict: bool | None = Field(None, description="Accepted; the grammar always applies.")
 
 
 class ResponseFormat(BaseModel):
-    type: Literal["text", "json_object", "json_schema"]
-    json_schema: JsonSchemaFormat | None = None
+    type: Literal["text", "json_object", "json_schema"] = Field(
+        description="Free text, any JSON object, or JSON following `json_schema`.")
+    json_schema: JsonSchemaFormat | None = Field(None, description="With type json_schema.")
 
     @model_validator(mode="after")
     def _check(self) -> Self:
@@ -85,21 +90,25 @@ class SamplingRequest(BaseModel):
     model_config = ConfigDict(extra="ignore", populate_by_name=True)
 
     model: Text = Field(description="A model id from GET /v1/models.")
-    stream: bool = False
-    stream_options: StreamOptions | None = None
+    stream: bool = Field(False, description="Send the reply as server-sent events.")
+    stream_options: StreamOptions | None = Field(None, description="With stream: usage chunks.")
     n: int = Field(1, ge=1, le=64, description="Choices to generate (needs temperature > 0).")
     max_tokens: int | None = Field(None, ge=1, description="Most tokens to generate.")
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    temperature: float = Field(1.0, ge=0.0, le=2.0, description="Sampling temperature; 0 is greedy.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling: the probability mass "
+                         "kept.")
     top_k: int = Field(0, ge=-1, description="Extension: sample from the k best (0 or -1: off).")
     min_p: float = Field(0.0, ge=0.0, le=1.0, description="Extension.")
-    seed: Seed | None = None
-    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    seed: Seed | None = Field(None, description="Seed for sampling: the same seed, the same text.")
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="Penalty on tokens already "
+                                    "present.")
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="Penalty growing with a "
+                                     "token's count so far.")
     repetition_penalty: float = Field(1.0, gt=0.0, le=2.0, description="Extension (1: off).")
     logit_bias: dict[Text, float] | None = Field(
         None, description="Token id (as a string) -> bias in [-100, 100], added to its logit.")
-    stop: Text | list[Text] | None = None
+    stop: Text | list[Text] | None = Field(None, description="Up to --max-stop strings that end "
+                                           "the reply (cut before them).")
     stop_token_ids: list[int] | None = Field(None, description="Extension: token ids that end a "
                                              "choice.")
     ignore_eos: bool = Field(False, description="Extension: do not stop on the EOS token.")
@@ -120,7 +129,7 @@ class SamplingRequest(BaseModel):
     response_format: ResponseFormat | None = Field(
         None, description="text, json_object (any JSON object) or json_schema (with 'strict'): "
         "the reply is constrained by vLLM's structured outputs (on /v1/completions too).")
-    user: Text | None = None
+    user: Text | None = Field(None, description="An end-user id (accepted, not used).")
 
     @model_validator(mode="after")
     def _check(self) -> Self:
@@ -183,22 +192,13 @@ class SamplingRequest(BaseModel):
         schema, json_object = self.structured()
         return SamplingSpec(
             max_tokens=max_tokens,
-            n=self.n,
-            temperature=self.temperature,
-            top_p=self.top_p,
+            **{name: getattr(self, name) for name in PASSTHROUGH},
             top_k=max(self.top_k, 0),
-            min_p=self.min_p,
-            seed=self.seed,
-            presence_penalty=self.presence_penalty,
-            frequency_penalty=self.frequency_penalty,
-            repetition_penalty=self.repetition_penalty,
             stop=stop,
             # The model's EOS ids beyond the tokenizer's, which vLLM alone would not stop on.
             stop_token_ids=tuple(dict.fromkeys((*(self.stop_token_ids or ()), *eos_ids))),
-            ignore_eos=self.ignore_eos,
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
-            skip_special_tokens=self.skip_special_tokens,
             logit_bias={int(k): v for k, v in self.logit_bias.items()} if self.logit_bias else None,
             json_schema=schema,
             json_object=json_object,
@@ -216,17 +216,19 @@ _UNSUPPORTED_CHAT = {
 
 
 class ChatCompletionRequest(SamplingRequest):
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1, description="The conversation, rendered "
+                                        "through the model's chat template.")
     add_generation_prompt: bool = Field(True, description="Extension: end with the reply header.")
     continue_final_message: bool = Field(
         False, description="Extension: continue the last (assistant) message instead.")
     max_completion_tokens: int | None = Field(None, ge=1, description="Preferred to max_tokens.")
-    logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
-    tools: Any = None
-    tool_choice: Any = None
-    functions: Any = None
-    audio: Any = None
+    logprobs: bool = Field(False, description="Return the chosen tokens' log probabilities.")
+    top_logprobs: int | None = Field(None, ge=0, le=20, description="With logprobs: this many "
+                                     "alternatives per token.")
+    tools: Any = Field(None, description="Not supported: a request with tools is refused.")
+    tool_choice: Any = Field(None, description="Not supported (see tools).")
+    functions: Any = Field(None, description="Not supported: a request with functions is refused.")
+    audio: Any = Field(None, description="Not supported: text only.")
 
     @model_validator(mode="after")
     def _check_chat(self) -> Self:
@@ -252,8 +254,9 @@ class CompletionRequest(SamplingRequest):
     )
     max_tokens: int | None = Field(16, ge=1, description="Most tokens to generate (OpenAI: 16).")
     echo: bool = Field(False, description="Return the prompt before the completion.")
-    logprobs: int | None = Field(None, ge=0, le=20)
-    suffix: Text | None = None
+    logprobs: int | None = Field(None, ge=0, le=20, description="Log probabilities of the chosen "
+                                 "token and this many alternatives.")
+    suffix: Text | None = Field(None, description="Not supported: insertion is refused.")
 
     @model_validator(mode="after")
     def _check_completion(self) -> Self:
@@ -281,9 +284,10 @@ class ResponseInputMessage(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    type: Literal["message"] = "message"
-    role: Literal["system", "developer", "user", "assistant"]
-    content: Text | list[TextPart]
+    type: Literal["message"] = Field("message", description="Input items are messages.")
+    role: Literal["system", "developer", "user", "assistant"] = Field(
+        description="Who speaks; system and developer become the system message.")
+    content: Text | list[TextPart] = Field(description="The text, or a list of text parts.")
 
     def as_chat(self) -> ChatMessage:
         return ChatMessage(role=self.role, content=self.content)
@@ -292,14 +296,17 @@ class ResponseInputMessage(BaseModel):
 class TextFormat(BaseModel):
     """Responses' `text.format`: the same three kinds as chat's response_format, flattened."""
 
-    type: Literal["text", "json_object", "json_schema"] = "text"
-    name: Text = "response"
-    schema_: dict[str, Any] | None = Field(None, alias="schema")
-    strict: bool | None = None
+    type: Literal["text", "json_object", "json_schema"] = Field(
+        "text", description="Free text, any JSON object, or JSON following `schema`.")
+    name: Text = Field("response", description="The schema's name.")
+    schema_: dict[str, Any] | None = Field(None, alias="schema", description="With json_schema: "
+                                           "the JSON Schema the reply follows.")
+    strict: bool | None = Field(None, description="Accepted; the grammar always applies.")
 
 
 class TextOptions(BaseModel):
-    format: TextFormat = Field(default_factory=lambda: TextFormat.model_validate({}))
+    format: TextFormat = Field(default_factory=lambda: TextFormat.model_validate({}),
+                               description="The reply's format.")
 
 
 class ResponsesRequest(SamplingRequest):
@@ -308,15 +315,17 @@ class ResponsesRequest(SamplingRequest):
     input: Text | list[ResponseInputMessage] = Field(
         description="A text (one user message) or a list of messages.")
     instructions: Text | None = Field(None, description="A system message placed first.")
-    max_output_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    text: TextOptions | None = None
+    max_output_tokens: int | None = Field(None, ge=1, description="Most tokens in the reply.")
+    temperature: float = Field(1.0, ge=0.0, le=2.0, description="Sampling temperature; 0 is greedy.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling: the probability mass "
+                         "kept.")
+    text: TextOptions | None = Field(None, description="Output options: the format.")
     store: bool | None = Field(None, description="moegi is stateless: leave it out or false.")
     previous_response_id: Text | None = Field(None, description="Not supported (stateless).")
-    tools: list[Any] | None = None
-    tool_choice: Any = None
-    metadata: dict[Text, Text] | None = None
+    tools: list[Any] | None = Field(None, description="Not supported: a request with tools is "
+                                    "refused.")
+    tool_choice: Any = Field(None, description="Not supported (see tools).")
+    metadata: dict[Text, Text] | None = Field(None, description="Echoed in the response object.")
 
     @model_validator(mode="after")
     def _check_responses(self) -> Self:
@@ -356,15 +365,18 @@ class TokenizeRequest(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    model: Text | None = None
-    prompt: Text | None = None
-    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    model: Text | None = Field(None, description="The served model's name (optional).")
+    prompt: Text | None = Field(None, description="A text to tokenize (or messages).")
+    messages: list[ChatMessage] | None = Field(None, min_length=1, description="A conversation, "
+                                               "tokenized through the chat template.")
     add_special_tokens: bool | None = Field(
         None, description="Default: true for a prompt, false for messages (the template "
         "writes BOS itself).")
-    add_generation_prompt: bool = True
-    continue_final_message: bool = False
-    return_token_strs: bool = False
+    add_generation_prompt: bool = Field(True, description="With messages: end with the reply "
+                                        "header.")
+    continue_final_message: bool = Field(False, description="With messages: continue the last "
+                                         "message instead.")
+    return_token_strs: bool = Field(False, description="Also return each token's text.")
 
     @model_validator(mode="after")
     def _one_input(self) -> Self:
@@ -376,5 +388,5 @@ class TokenizeRequest(BaseModel):
 class DetokenizeRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    model: Text | None = None
-    tokens: list[int] = Field(max_length=1 << 20)
+    model: Text | None = Field(None, description="The served model's name (optional).")
+    tokens: list[int] = Field(max_length=1 << 20, description="Token ids to turn into text.")

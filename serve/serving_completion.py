@@ -15,20 +15,10 @@ from typing import Any
 
 from serve.engine import Engine, TokenLogprobs
 from serve.errors import APIError
+from serve.model import ServedModel, bytes_text, check_request
 from serve.protocol import CompletionRequest
-from serve.serving import (
-    SSE_DONE,
-    ChoiceEvent,
-    Gating,
-    Run,
-    ServedModel,
-    SSEFrames,
-    Usage,
-    bytes_text,
-    check_request,
-    collect,
-    new_id,
-)
+from serve.run import ChoiceEvent, Gating, Run, Usage, collect, new_id
+from serve.sse import SSE_DONE, SSEFrames
 from serve.textgate import GatedToken
 
 

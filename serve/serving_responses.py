@@ -19,9 +19,10 @@ from typing import Any
 
 from serve.engine import Engine
 from serve.errors import to_api_error
+from serve.model import ServedModel, check_request
+from serve.prompt import render_prompt
 from serve.protocol import ResponsesRequest
-from serve.serving import Gating, Run, ServedModel, check_request, collect, new_id
-from serve.serving_chat import render_prompt
+from serve.run import Gating, Run, collect, new_id
 
 
 def _response(req: ResponsesRequest, rid: str, model: ServedModel, status: str,

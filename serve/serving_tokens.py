@@ -13,9 +13,9 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from serve.model import ServedModel
+from serve.prompt import render_prompt
 from serve.protocol import DetokenizeRequest, TokenizeRequest
-from serve.serving import ServedModel
-from serve.serving_chat import render_prompt
 
 
 async def tokenize(model: ServedModel, req: TokenizeRequest) -> dict[str, Any]:

@@ -5,9 +5,9 @@ program that calls it needs an `if __name__ == "__main__":` guard), asks for DEL
 (only new text and ids per step: no cumulative copies on the hot path), and converts vLLM's
 `RequestOutput` into the plain dataclasses of `engine.py`. vLLM's own Prometheus metrics
 (`vllm:*`) are registered in prometheus_client's default registry by the engine itself.
-(`vllm_plugin.py`, `vllm_layouts.py` and `orphans.py` also import vLLM: they are plugins vLLM
-loads into itself. At start-up `config.py` reads vLLM's engine-option names and `cli.py` its
-platform, both before the engine exists.)
+(The `vllm_plugins` package also imports vLLM: vLLM loads it into its own processes. At start-up
+`config.py` reads vLLM's engine-option names and `cli.py` its platform, both before the engine
+exists.)
 
 Health: vLLM's `check_health` reads an "errored" flag that is set only once a request finds
 the engine dead, so this module also watches the engine's processes (its children): one that
@@ -22,6 +22,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from serve.engine import (
+    PASSTHROUGH,
     ChoiceDelta,
     EngineDeadError,
     EngineInputError,
@@ -78,22 +79,13 @@ class VllmEngine:
         elif spec.json_object:
             structured = StructuredOutputsParams(json_object=True)
         return SamplingParams(
-            n=spec.n,
+            **{name: getattr(spec, name) for name in PASSTHROUGH},
             max_tokens=spec.max_tokens,
-            temperature=spec.temperature,
-            top_p=spec.top_p,
             top_k=spec.top_k,
-            min_p=spec.min_p,
-            seed=spec.seed,
-            presence_penalty=spec.presence_penalty,
-            frequency_penalty=spec.frequency_penalty,
-            repetition_penalty=spec.repetition_penalty,
             stop=list(spec.stop),
             stop_token_ids=list(spec.stop_token_ids),
-            ignore_eos=spec.ignore_eos,
             logprobs=spec.logprobs,
             prompt_logprobs=spec.prompt_logprobs,
-            skip_special_tokens=spec.skip_special_tokens,
             logit_bias=spec.logit_bias,
             structured_outputs=structured,
             # The serving layer cuts stop strings itself with a minimal hold-back; vLLM's own

@@ -8,14 +8,15 @@ from typing import Any
 
 import pytest
 
-from serve.tiny.build import ensure_model
+from tiny.build import ensure_model
 
 # tests/quantize needs llm-compressor, which lives in its own environment (.venv-quantize);
 # `make test` runs that directory there, and the rest here.
 if importlib.util.find_spec("llmcompressor") is None:
     collect_ignore = ["quantize"]
 else:
-    collect_ignore = ["unit", "integration"]
+    collect_ignore = ["serve", "integration", "vllm_plugins", "images", "deploy", "evals",
+                      "chat_templates", "tiny", "awq", "test_layers.py"]
 
 
 @pytest.fixture(scope="session")

@@ -28,8 +28,8 @@ import httpx
 import openai
 import pytest
 
-from serve.tiny.build import ensure_model
 from tests.integration.conftest import _free_port
+from tiny.build import ensure_model
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "deploy" / "podman"))

@@ -23,7 +23,7 @@ import httpx
 import openai
 import pytest
 
-from serve.tiny.build import ensure_model
+from tiny.build import ensure_model
 
 API_KEY = "test-key-123"
 REPO = Path(__file__).resolve().parents[2]

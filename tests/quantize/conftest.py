@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from serve.tiny.build import ensure_model
+from tiny.build import ensure_model
 
 
 def quantize_keeping_compressed(model: str, out: Path, keep: Path, **kw: Any) -> Any:

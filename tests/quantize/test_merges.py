@@ -24,7 +24,7 @@ from quantize import verify
 from quantize.checkpoint import read_tensors
 from quantize.cli import main as cli
 from quantize.layerwise import LayerwiseLM
-from serve.tiny.build import ensure_model
+from tiny.build import ensure_model
 
 MERGE = """base_model: ./e0
 gate_mode: random
@@ -126,7 +126,7 @@ def test_the_tuned_merge_passes_verify(tuned_merge_awq: tuple[Path, Any], capsys
     text, where top-1 agreement measures noise rather than the quantization."""
     out, config = tuned_merge_awq
     vllm_layout_ok(out, config["num_hidden_layers"], config["num_local_experts"])
-    from serve.tiny.train import PAIRS
+    from tiny.train import PAIRS
 
     eval_file = tmp_path / "dialogues.jsonl"
     eval_file.write_text("".join(json.dumps({"text": f"### 指示:\n{q}\n### 応答:\n{a}"},

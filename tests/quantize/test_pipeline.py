@@ -9,13 +9,13 @@ from typing import Any
 import pytest
 import torch
 
+from awq.layout import unpack_gemm
+from awq.registry import lookup
 from quantize import card, checkpoint, verify
 from quantize.checkpoint import read_tensors
 from quantize.cli import main as cli
-from quantize.gemm import unpack_gemm
-from quantize.mappings import lookup
 from quantize.run import Options, QuantizeError, quantize
-from serve.tiny.build import ensure_model
+from tiny.build import ensure_model
 
 AWQ_CONFIG = {"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True,
               "version": "gemm"}

@@ -18,8 +18,8 @@ import pytest
 
 from quantize import verify
 from quantize.cli import main as cli
-from serve.tiny.build import cache_root, ensure_model
-from serve.tiny.real import CALIB_ARGS, fetch_gguf
+from tiny.build import cache_root, ensure_model
+from tiny.real import CALIB_ARGS, fetch_gguf
 
 
 @pytest.fixture(scope="module")

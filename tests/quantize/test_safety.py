@@ -23,7 +23,7 @@ from quantize import checkpoint, run
 from quantize.cli import main as cli
 from quantize.preflight import QuantizeError
 from quantize.run import Options, quantize
-from serve.tiny.build import ensure_model
+from tiny.build import ensure_model
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -1,5 +1,5 @@
-"""Unit tests of the quantization parts that need no model: GEMM packing, mappings, calibration,
-the streaming shard writer."""
+"""Unit tests of the quantization parts that need no model: calibration, the streaming shard
+writer."""
 
 from __future__ import annotations
 
@@ -12,71 +12,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from quantize import calibration, gemm, mappings
+from quantize import calibration
 from quantize.checkpoint import ShardWriter, read_tensors
-
-
-def autoawq_pack(intweight: torch.Tensor) -> torch.Tensor:
-    """AutoAWQ 0.2.9's WQLinear_GEMM packing loop, transcribed as the reference."""
-    qweight = torch.zeros(intweight.shape[0], intweight.shape[1] // 8, dtype=torch.int32)
-    for col in range(intweight.shape[1] // 8):
-        for i, o in enumerate((0, 2, 4, 6, 1, 3, 5, 7)):
-            qweight[:, col] |= intweight[:, col * 8 + o].to(torch.int32) << (i * 4)
-    return qweight
-
-
-def test_pack_matches_autoawq_and_round_trips() -> None:
-    values = torch.randint(0, 16, (16, 64), generator=torch.Generator().manual_seed(0))
-    packed = gemm.pack_gemm(values)
-    assert packed.dtype == torch.int32 and packed.shape == (16, 8)
-    assert torch.equal(packed, autoawq_pack(values))
-    assert torch.equal(gemm.unpack_gemm(packed), values.to(torch.int32))
-
-
-def test_pack_rejects_bad_shapes_and_ranges() -> None:
-    with pytest.raises(ValueError, match="multiple of 8"):
-        gemm.pack_gemm(torch.zeros(2, 12, dtype=torch.int32))
-    with pytest.raises(ValueError, match=r"0\.\.15"):
-        gemm.pack_gemm(torch.full((2, 8), 16))
-
-
-def test_dequantize_formula() -> None:
-    # w[o, i] = (q[i, o] - z[i // G, o]) * s[i // G, o], here with 2 groups of 4 inputs.
-    q = torch.randint(0, 16, (8, 8), generator=torch.Generator().manual_seed(1))
-    z = torch.tensor([[3] * 8, [12] * 8])
-    s = torch.tensor([[0.5] * 8, [0.25] * 8], dtype=torch.float16)
-    w = gemm.dequantize((gemm.pack_gemm(q), gemm.pack_gemm(z), s))
-    expect = torch.cat([(q[:4] - 3) * 0.5, (q[4:] - 12) * 0.25]).t()
-    assert torch.equal(w, expect.float())
-
-
-def test_unsupported_architecture_lists_supported() -> None:
-    with pytest.raises(mappings.UnsupportedArchitecture) as err:
-        mappings.lookup("GPT2LMHeadModel")
-    for arch in ("LlamaForCausalLM", "MistralForCausalLM", "MixtralForCausalLM"):
-        assert arch in str(err.value)
-
-
-def test_mixtral_router_is_compensated_but_never_quantized() -> None:
-    spec = mappings.lookup("MixtralForCausalLM")
-    post = dict(spec.mappings)["re:.*post_attention_layernorm$"]
-    assert any("mlp\\.gate$" in b for b in post)
-    assert any("gate_proj" in b for b in post) and any("up_proj" in b for b in post)
-    assert "re:.*mlp\\.gate$" in spec.ignore and "lm_head" in spec.ignore
-    assert spec.modules_to_not_convert == ("gate",)
-    name = "model.layers.3.block_sparse_moe.experts.7.{}"
-    assert spec.original_name(name.format("gate_proj")) == name.format("w1")
-    assert spec.original_name(name.format("up_proj")) == name.format("w3")
-    assert spec.original_name(name.format("down_proj")) == name.format("w2")
-
-
-def test_dense_models_keep_gate_proj_quantized() -> None:
-    for arch in ("LlamaForCausalLM", "MistralForCausalLM"):
-        spec = mappings.lookup(arch)
-        # "gate" in modules_to_not_convert would also skip a dense model's gate_proj.
-        assert spec.modules_to_not_convert is None
-        assert spec.ignore == ("lm_head",)
-        assert spec.original_name("model.layers.0.mlp.gate_proj") == "model.layers.0.mlp.gate_proj"
 
 
 def test_builtin_calibration_is_japanese_and_english() -> None:
@@ -159,3 +96,13 @@ def test_shard_writer_streams_the_files_safetensors_writes(tmp_path: Path) -> No
         assert back[name].dtype == t.dtype and torch.equal(back[name], t), name
     with pytest.raises(TypeError, match="complex64"):
         ShardWriter(many, 40).add("z", torch.zeros(2, dtype=torch.complex64))
+
+
+def test_the_readme_loaders_table_is_the_cards() -> None:
+    """One table: the README's copy is rendered from quantize/loaders.py, as every card's is."""
+    from quantize import loaders
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    assert loaders.readme_table() in readme
+    moe, dense = loaders.card_rows(moe=True), loaders.card_rows(moe=False)
+    assert len(moe) == len(dense) == len(loaders.LOADERS) + 2 and moe != dense
