@@ -153,6 +153,31 @@ def measure(server: ServerProcess, engine: Engine, prompts: Prompts) -> dict[str
     return result
 
 
+_STAMP = re.compile(r"\d\d-\d\d (\d\d):(\d\d):(\d\d) ")
+PHASES = {"load": "Loading weights took", "repack": "Warming up model for the compilation",
+          "warm-up": "init engine (profile, create kv cache, warmup model) took"}
+
+
+def phases(log: str) -> dict[str, float]:
+    """Where a vLLM server's start-up went, from its own log lines (seconds): reading the
+    weights, processing them after loading (moegi's repack, vLLM's AMX prepack: the time from
+    the end of loading to the start of warm-up), and vLLM's engine set-up with compile and
+    warm-up. Empty for a log without them (llama.cpp)."""
+    def at(line: str) -> float:
+        m = _STAMP.search(line)
+        return int(m[1]) * 3600 + int(m[2]) * 60 + int(m[3]) if m else float("nan")
+
+    lines = {name: next((x for x in log.splitlines() if mark in x), None)
+             for name, mark in PHASES.items()}
+    if None in lines.values():
+        return {}
+    took = re.compile(r"took ([0-9.]+) s")
+    load, repack, warm = (lines[k] or "" for k in PHASES)
+    return {"load": float(m[1]) if (m := took.search(load)) else float("nan"),
+            "repack": (at(repack) - at(load)) % 86400,
+            "warm-up": float(m[1]) if (m := took.search(warm)) else float("nan")}
+
+
 COLUMNS = (["startup", "peak"] + [f"prefill {n}" for n in PREFILL]
            + [f"decode b{n}" for n in DECODE])
 
@@ -200,6 +225,7 @@ def main(argv: list[str] | None = None) -> None:
                 runs.setdefault(engine.name, []).append(measure(server, engine, prompts))
             finally:
                 server.stop()
+            runs[engine.name][-1].update(phases(server.log.read_text()))
             if engine.name == "4-bit as served" and PLUGIN_LOG in server.log.read_text():
                 # This CPU has no AMX: the as-served row is the plugin already.
                 todo = [e for e in todo if e.name != "4-bit moegi plugin"]
@@ -216,6 +242,14 @@ def main(argv: list[str] | None = None) -> None:
     if "llama.cpp Q4_0" in runs:
         print("\nAgainst llama.cpp Q4_0:\n")
         print(report(runs, "llama.cpp Q4_0"))
+    started = {name: r for name, r in runs.items() if all(k in x for x in r for k in PHASES)}
+    if started:
+        print("\nStart-up phases of the vLLM servers, seconds (median): weights read, weights "
+              "processed after loading (repack / prepack), engine set-up with compile and "
+              "warm-up:\n")
+        print(table(["server", *PHASES], [[name, *(f"{statistics.median(x[k] for x in r):.1f}"
+                                                  for k in PHASES)]
+                                          for name, r in started.items()]))
 
 
 if __name__ == "__main__":

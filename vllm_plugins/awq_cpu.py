@@ -121,6 +121,7 @@ def _awq_linear_fake(x: torch.Tensor, w: torch.Tensor, sz: torch.Tensor,
 
 
 _OP_LIB: Any = None  # the torch.library that owns moegi's ops (kept alive here)
+_LOGGED: list[bool] = []  # the dense layers' log line, once per process
 
 
 def _register_ops() -> None:
@@ -166,6 +167,10 @@ def _linear_class(force: bool) -> type:
             layer.moegi_int4 = runs(input_size_per_partition, sum(output_partition_sizes),
                                     self.quant_config.group_size) and (
                 force or not vllm_has_fast_linear(params_dtype))
+            if layer.moegi_int4 and not _LOGGED:
+                _LOGGED.append(True)
+                log.info("moegi: dense 4-bit AWQ linears run on moegi's int4 kernel (vLLM's "
+                         "CPU kernel has no AMX path for them here)")
 
         def process_weights_after_loading(self, layer: Any) -> None:
             if not layer.moegi_int4:
@@ -303,7 +308,6 @@ def register() -> None:
     _register_ops()
     force = forced()
     method_class, linear_class = _method_class(), _linear_class(force)
-    dense_logged: list[str] = []
 
     def get_quant_method(self: Any, layer: torch.nn.Module, prefix: str) -> Any:
         if (isinstance(layer, RoutedExperts) and self.weight_bits == 4
@@ -316,10 +320,6 @@ def register() -> None:
             return method_class(self, layer.moe_config)
         method = original(self, layer, prefix)
         if type(method).__name__ == "AutoAWQMarlinLinearMethod" and self.weight_bits == 4:
-            if not dense_logged:
-                dense_logged.append(prefix)
-                log.info("moegi: dense 4-bit AWQ linears run on moegi's int4 kernel where vLLM's "
-                         "CPU kernel has no AMX path (float16, or a CPU without AMX)")
             return linear_class(self)  # a dense 4-bit linear (the 16-bit ones stay vLLM's)
         return method
 

@@ -45,13 +45,28 @@ _TILE_BLOCKS = 16  # blocks dequantized at once: a [K, 1024] bfloat16 tile, 8 Mi
 def to_int4pack(qweight: torch.Tensor) -> torch.Tensor:
     """One AutoAWQ linear `[K, N/8]` (int32) -> torch's CPU int4 layout `[N, K/2]` (uint8).
 
-    Works in blocks of output channels (a multiple of the kernel's 64-row blocks), so a 4x7B
-    expert never has more than a slice unpacked.
+    The layout `_convert_weight_to_int4pack_for_cpu` makes (`_dequant_tile` says it; the tests
+    check it byte for byte): `[N/64, K, 32]`, byte j of block b at row k holding output channel
+    `64b + j` in its low nibble and `64b + 32 + j` in its high one. Written here by nibble
+    arithmetic, 2x faster than torch's converter, which needs the values unpacked to int32 and
+    transposed first (4x7B w13 `[22016, 4096]`: 0.6 s against 1.15 s on this CPU), in blocks of
+    output channels, so a 4x7B expert never has more than a slice unpacked. A width that is not
+    a whole number of 64-channel blocks goes through torch's converter.
     """
+    k, n = qweight.shape[0], qweight.shape[1] * PACK
     step = _COLS_PER_CHUNK // PACK  # int32 words per block
-    return torch.cat([torch.ops.aten._convert_weight_to_int4pack_for_cpu(
-        unpack_gemm(qweight[:, c : c + step]).t().contiguous(), 2)
-        for c in range(0, qweight.shape[1], step)])
+    if n % BLOCK_N:
+        return torch.cat([torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+            unpack_gemm(qweight[:, c : c + step]).t().contiguous(), 2)
+            for c in range(0, qweight.shape[1], step)])
+    out = torch.empty(n // BLOCK_N, k, BLOCK_N // 2, dtype=torch.uint8)
+    for c in range(0, qweight.shape[1], step):
+        q = unpack_gemm(qweight[:, c : c + step]).to(torch.uint8)  # [K, cols]
+        blocks = q.shape[1] // BLOCK_N
+        q = q.view(k, blocks, 2, BLOCK_N // 2)
+        first = c * PACK // BLOCK_N
+        out[first : first + blocks] = (q[:, :, 0] | (q[:, :, 1] << 4)).permute(1, 0, 2)
+    return out.view(n, k // 2)
 
 
 def to_scales_and_zeros(scales: torch.Tensor, qzeros: torch.Tensor) -> torch.Tensor:

@@ -57,12 +57,14 @@ def test_the_plugin_runs_the_experts_in_vllms_engine_process(chat_server: Server
         assert sorted(set(lines)) == [f"model.layers.{i}.block_sparse_moe.experts"
                                       for i in range(layers)], log[-3000:]
     assert "No WNA16 MoE backend" not in log
+    # moegi's CPU default for this float16 (AutoAWQ) checkpoint: bfloat16 (serve/cli.py).
+    assert "dtype=torch.bfloat16" in log and "float16 checkpoint served in bfloat16" in log
     # Compiled, as `make serve` runs it: torch.compile traced the model around the plugin's op.
     assert "enforce_eager=False" in log and "Warming up model for the compilation" in log
 
 
 def test_greedy_tokens_agree_with_the_reference_forward(chat_server: Server) -> None:
-    """vLLM (fp16, moegi's CPU experts) vs the reference forward `verify` uses (the checkpoint's
+    """vLLM (bfloat16, moegi's CPU default) vs the reference forward `verify` uses (the checkpoint's
     files dequantized into transformers' float32 modules, layer by layer), on prompts the model
     never saw.
 

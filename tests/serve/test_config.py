@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -75,3 +77,23 @@ def test_checked_before_the_model_loads(args: list[str], needle: str) -> None:
 def test_limits_view() -> None:
     limits = Limits.of(parse(["--max-stop", "3", "--max-logprobs", "5"]))
     assert (limits.max_stop, limits.max_logprobs) == (3, 5)
+
+
+@pytest.mark.parametrize(("saved", "asked", "cpu", "served"), [
+    ("float16", "auto", True, "bfloat16"),   # every AutoAWQ checkpoint, on a CPU
+    ("float16", "float16", True, "float16"),  # asked for explicitly: kept
+    ("bfloat16", "auto", True, "auto"),
+    ("float16", "auto", False, "auto"),      # a GPU computes float16 well
+])
+def test_a_float16_checkpoint_is_served_in_bfloat16_on_cpus(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, saved: str, asked: str, cpu: bool,
+        served: str) -> None:
+    from vllm.platforms import current_platform
+
+    from serve.cli import _cpu_dtype
+
+    (tmp_path / "config.json").write_text(json.dumps({"torch_dtype": saved}))
+    monkeypatch.setattr(type(current_platform), "is_cpu", lambda self: cpu)
+    settings = parse(["--model", str(tmp_path), "--dtype", asked])
+    _cpu_dtype(settings)
+    assert settings.dtype == served
