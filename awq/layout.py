@@ -90,3 +90,18 @@ def dequantize(g: GemmTensors | tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     group = q.shape[0] // z.shape[0]
     w = (q - z.repeat_interleave(group, 0)) * scales.to(torch.float32).repeat_interleave(group, 0)
     return w.t().contiguous().to(dtype)
+
+
+def whole_groups(width: int, group: int, tensor_parallel: int) -> bool:
+    """Whether `tensor_parallel` ranks, each holding `width / tensor_parallel` input channels of a
+    row-parallel linear, each hold a whole number of AWQ groups: vLLM floors a fraction, and the
+    kernels fail at warm-up. The one check the server (before loading) and the CPU kernel hook
+    (at construction) both make."""
+    return width % tensor_parallel == 0 and (width // tensor_parallel) % group == 0
+
+
+def tensor_parallel_fits(widths: list[int], group: int, up_to: int) -> list[int]:
+    """The tensor-parallel sizes from 1 to `up_to` that give every rank whole groups of each
+    width, for an error message that names the sizes that work."""
+    return [t for t in range(1, up_to + 1) if all(whole_groups(w, group, t) for w in widths)]
+

@@ -161,7 +161,7 @@ def _cpu_dtype(settings: Settings) -> None:
     vLLM would keep float16, which x86 CPUs compute slowly: its CPU AWQ kernel then takes its
     generic path instead of AMX, and moegi's int4 kernels are vectorized for bfloat16 only.
     Measured by `make bench-moe` (4x7B layer shape, 4-bit against bf16): decode at batch 1 went
-    from 1.31x to 2.58x and prefill of 2,048 tokens from 0.34x to 0.63x on vLLM's AMX path, and
+    from 1.31x to 2.58x and prefill of 2,048 tokens from 0.24x to 0.63x on vLLM's AMX path, and
     from 1.09x to 1.95x and 0.25x to 0.87x on moegi's plugin. `--dtype float16` keeps float16."""
     config = Path(settings.model or "") / "config.json"
     if settings.dtype != "auto" or not config.is_file():

@@ -22,6 +22,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from awq.layout import tensor_parallel_fits, whole_groups
+
 
 def _row_parallel_inputs(config: dict[str, Any]) -> dict[str, int]:
     """Input widths of the layers tensor parallel splits by input channel."""
@@ -59,9 +61,8 @@ def check_split(model_dir: Path, tensor_parallel: int, pipeline_parallel: int) -
         return
     widths = _row_parallel_inputs(config)
     for name, width in widths.items():
-        if width % tensor_parallel or (width // tensor_parallel) % group:
-            fits = [t for t in range(1, tensor_parallel + 1)
-                    if all(w % t == 0 and (w // t) % group == 0 for w in widths.values())]
+        if not whole_groups(width, group, tensor_parallel):
+            fits = tensor_parallel_fits(list(widths.values()), group, tensor_parallel)
             raise ValueError(
                 f"--tensor-parallel-size {tensor_parallel} gives each rank "
                 f"{width / tensor_parallel:g} of the {width} input channels of the {name}, not "

@@ -48,6 +48,7 @@ from typing import Any
 
 import torch
 
+from awq.layout import tensor_parallel_fits, whole_groups
 from vllm_plugins.int4_cpu import (
     KERNEL_GROUPS,
     CPUExperts,
@@ -87,9 +88,8 @@ def check_layer(group_size: int, version: str, hidden: int, intermediate: int, t
     if hidden % group_size:
         raise UnsupportedLayer(f"hidden size {hidden} is not a multiple of the AWQ group size "
                                f"{group_size}")
-    if intermediate % tp_size or (intermediate // tp_size) % group_size:
-        fits = [t for t in range(1, tp_size + 1)
-                if intermediate % t == 0 and (intermediate // t) % group_size == 0]
+    if not whole_groups(intermediate, group_size, tp_size):
+        fits = tensor_parallel_fits([intermediate], group_size, tp_size)
         raise UnsupportedLayer(
             f"--tensor-parallel-size {tp_size} gives each rank {intermediate / tp_size:g} of the "
             f"experts' {intermediate} intermediate channels, not a whole number of AWQ groups of "
