@@ -42,7 +42,6 @@ Shapes follow the legend in `int4_cpu.py`.
 
 from __future__ import annotations
 
-import logging
 import os
 from typing import Any
 
@@ -53,6 +52,7 @@ from vllm_plugins.int4_cpu import (
     KERNEL_GROUPS,
     CPUExperts,
     int4mm,
+    log,
     run_experts,
     runs,
     to_int4pack,
@@ -60,8 +60,6 @@ from vllm_plugins.int4_cpu import (
 )
 
 TESTED_VLLM = ("0.32.0",)
-# Under "vllm." so that vLLM's own logging set-up prints it in its engine process too.
-log = logging.getLogger("vllm.moegi_plugin")  # as int4_cpu.log: vLLM prints "vllm.*"
 
 
 class UnsupportedLayer(ValueError):

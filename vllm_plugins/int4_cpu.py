@@ -10,9 +10,9 @@ M rows (tokens) multiplied at once. AutoAWQ stores a linear as `qweight [K, N/8]
 `scales [K/G, N]`; MoE experts stack them: `w13 [E, H, 2I/8]`, `w2 [E, I, H/8]`.
 
 The kernel is PyTorch's `aten._weight_int4pack_mm_for_cpu` (the one gpt-fast and torchao use,
-AVX-512 vectorized for bfloat16 activations), on weights repacked once at load by
-`aten._convert_weight_to_int4pack_for_cpu` to `[N, K/2]` uint8 with a bfloat16 scale and zero
-per group, `[K/G, N, 2]`. It reads and dequantizes the whole weight again for every 4 rows, so
+AVX-512 vectorized for bfloat16 activations), on weights repacked once at load into the layout
+of `aten._convert_weight_to_int4pack_for_cpu` (`to_int4pack`), `[N, K/2]` uint8, with a bfloat16
+scale and zero per group, `[K/G, N, 2]`. It reads and dequantizes the whole weight again for every 4 rows, so
 from `LARGE_BATCH_ROWS` rows on the same bytes are dequantized tile by tile into bfloat16 and
 multiplied by a bfloat16 matmul instead. The weights stay 4-bit at rest: a tile is transient.
 """
