@@ -104,7 +104,7 @@ serve: $(STAMP) $(QSTAMP)
 	$(BIN)/python -m serve --host $(HOST) --port $(PORT) $(ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check serve quantize awq vllm_plugins tiny chat_templates tests bench evals deploy
+	$(BIN)/ruff check --no-cache serve quantize awq vllm_plugins tiny chat_templates tests bench evals deploy
 	$(BIN)/mypy
 
 unit: $(STAMP)

@@ -6,10 +6,10 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi.testclient import TestClient
-from serve.model import ServedModel
 
 import chat_templates
 from serve.app import AppState, create_app
+from serve.model import ServedModel
 from serve.stops import StopPolicy
 from tests.fakes import FakeEngine
 from tests.schemas import validate
