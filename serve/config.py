@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -169,13 +169,13 @@ class Limits:
     """The per-request bounds the serving layer enforces (a view of Settings; by default, its
     defaults)."""
 
-    max_prompts: int = field(default_factory=lambda: default("max_prompts"))
-    max_choices: int = field(default_factory=lambda: default("max_choices"))
-    max_stop: int = field(default_factory=lambda: default("max_stop"))
-    max_stop_length: int = field(default_factory=lambda: default("max_stop_length"))
-    max_stop_token_ids: int = field(default_factory=lambda: default("max_stop_token_ids"))
-    max_logit_bias: int = field(default_factory=lambda: default("max_logit_bias"))
-    max_logprobs: int = field(default_factory=lambda: default("max_logprobs"))
+    max_prompts: int = default("max_prompts")
+    max_choices: int = default("max_choices")
+    max_stop: int = default("max_stop")
+    max_stop_length: int = default("max_stop_length")
+    max_stop_token_ids: int = default("max_stop_token_ids")
+    max_logit_bias: int = default("max_logit_bias")
+    max_logprobs: int = default("max_logprobs")
 
     @classmethod
     def of(cls, s: Settings) -> Limits:

@@ -149,6 +149,17 @@ def vllm_has_fast_linear(params_dtype: torch.dtype) -> bool:
             and bool(envs.VLLM_CPU_INT4_W4A8))
 
 
+def _replace_parameters(layer: torch.nn.Module, emptied: tuple[str, ...],
+                        **tensors: torch.Tensor) -> None:
+    """The repacked tensors replace the loaded ones as the layer's parameters: one 4-bit copy,
+    and parameters (not attributes of a Python object) so that torch.compile sees them. The
+    `emptied` ones (the zero points, folded into the kernels' scales) become empty tensors."""
+    for name in emptied:
+        tensors[name] = torch.empty(0, dtype=torch.int32)
+    for name, value in tensors.items():
+        layer.register_parameter(name, torch.nn.Parameter(value, requires_grad=False))
+
+
 def _linear_class(force: bool) -> type:
     """vLLM's CPU AWQ linear method (its weights and loader) with moegi's int4 kernels."""
     from vllm.model_executor.layers.quantization.auto_awq import AutoAWQMarlinLinearMethod
@@ -174,12 +185,9 @@ def _linear_class(force: bool) -> type:
             if not layer.moegi_int4:
                 super().process_weights_after_loading(layer)
                 return
-            # Repacked once; the loaded tensors are replaced, not kept beside (one 4-bit copy).
             w = to_int4pack(layer.qweight.data)
             sz = to_scales_and_zeros(layer.scales.data, layer.qzeros.data)
-            empty = torch.empty(0, dtype=torch.int32)
-            for name, value in (("qweight", w), ("scales", sz), ("qzeros", empty)):
-                layer.register_parameter(name, torch.nn.Parameter(value, requires_grad=False))
+            _replace_parameters(layer, ("qzeros",), qweight=w, scales=sz)
 
         def apply(self, layer: Any, x: torch.Tensor,
                   bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -218,16 +226,12 @@ def _method_class() -> type:
                         moe.intermediate_size, moe.tp_size, moe.moe_parallel_config.use_ep)
 
         def process_weights_after_loading(self, layer: Any) -> None:
-            # The kernel-layout tensors replace the loaded ones in the layer's parameters: one
-            # 4-bit copy, and parameters (not attributes of a Python object) for torch.compile.
             experts = CPUExperts(layer.w13_qweight.data, layer.w13_scales.data,
                                  layer.w13_qzeros.data, layer.w2_qweight.data,
                                  layer.w2_scales.data, layer.w2_qzeros.data)
-            empty = torch.empty(0, dtype=torch.int32)
-            for name, value in (("w13_qweight", experts.w13), ("w13_scales", experts.w13_sz),
-                                ("w13_qzeros", empty), ("w2_qweight", experts.w2),
-                                ("w2_scales", experts.w2_sz), ("w2_qzeros", empty)):
-                layer.register_parameter(name, torch.nn.Parameter(value, requires_grad=False))
+            _replace_parameters(layer, ("w13_qzeros", "w2_qzeros"), w13_qweight=experts.w13,
+                                w13_scales=experts.w13_sz, w2_qweight=experts.w2,
+                                w2_scales=experts.w2_sz)
             self.processed = True
 
         def get_fused_moe_quant_config(self, layer: Any) -> Any:
