@@ -48,6 +48,7 @@ from typing import Any
 import torch
 
 from awq.layout import tensor_parallel_fits, whole_groups
+from vllm_plugins import native
 from vllm_plugins.int4_cpu import (
     KERNEL_GROUPS,
     CPUExperts,
@@ -160,41 +161,61 @@ def _replace_parameters(layer: torch.nn.Module, emptied: tuple[str, ...],
         layer.register_parameter(name, torch.nn.Parameter(value, requires_grad=False))
 
 
+def dense_kernel(in_features: int, out_features: int, group_size: int, take: bool) -> str | None:
+    """Which of moegi's kernels runs a dense 4-bit linear: "native" (csrc/int4.cpp), "torch"
+    (int4_cpu.py, where the native ones cannot be built or the shape is not theirs), or None
+    (vLLM's own kernel keeps it)."""
+    if not take:
+        return None
+    if native.runs(in_features, out_features, group_size) and native.load():
+        return "native"
+    return "torch" if runs(in_features, out_features, group_size) else None
+
+
 def _linear_class(force: bool) -> type:
     """vLLM's CPU AWQ linear method (its weights and loader) with moegi's int4 kernels."""
     from vllm.model_executor.layers.quantization.auto_awq import AutoAWQMarlinLinearMethod
 
     class MoegiCPUAWQLinearMethod(AutoAWQMarlinLinearMethod):  # type: ignore[misc]
         """A dense AutoAWQ linear on CPU through moegi's int4 kernels, where they are faster
-        than vLLM's and torch's kernel runs the shape; else vLLM's method, unchanged."""
+        than vLLM's and run the shape; else vLLM's method, unchanged."""
 
         def create_weights(self, layer: Any, input_size_per_partition: int,
                            output_partition_sizes: list[int], input_size: int,
                            output_size: int, params_dtype: torch.dtype, **extra: Any) -> None:
             super().create_weights(layer, input_size_per_partition, output_partition_sizes,
                                    input_size, output_size, params_dtype, **extra)
-            layer.moegi_int4 = runs(input_size_per_partition, sum(output_partition_sizes),
-                                    self.quant_config.group_size) and (
-                force or not vllm_has_fast_linear(params_dtype))
-            if layer.moegi_int4 and not _LOGGED:
+            layer.moegi_kernel = dense_kernel(
+                input_size_per_partition, sum(output_partition_sizes),
+                self.quant_config.group_size, force or not vllm_has_fast_linear(params_dtype))
+            if layer.moegi_kernel and not _LOGGED:
                 _LOGGED.append(True)
-                log.info("moegi: dense 4-bit AWQ linears run on moegi's int4 kernel (vLLM's "
-                         "CPU kernel has no AMX path for them here)")
+                log.info("moegi: dense 4-bit AWQ linears run on moegi's %s int4 kernel (vLLM's "
+                         "CPU kernel has no AMX path for them here)",
+                         f"native ({native.isa()})" if layer.moegi_kernel == "native" else "torch")
 
         def process_weights_after_loading(self, layer: Any) -> None:
-            if not layer.moegi_int4:
+            if layer.moegi_kernel is None:
                 super().process_weights_after_loading(layer)
-                return
-            w = to_int4pack(layer.qweight.data)
-            sz = to_scales_and_zeros(layer.scales.data, layer.qzeros.data)
-            _replace_parameters(layer, ("qzeros",), qweight=w, scales=sz)
+            elif layer.moegi_kernel == "native":
+                w, s, z = torch.ops.moegi_native.repack(layer.qweight.data, layer.qzeros.data,
+                                                        layer.scales.data, False)
+                _replace_parameters(layer, (), qweight=w, scales=s, qzeros=z)
+            else:
+                w = to_int4pack(layer.qweight.data)
+                sz = to_scales_and_zeros(layer.scales.data, layer.qzeros.data)
+                _replace_parameters(layer, ("qzeros",), qweight=w, scales=sz)
 
         def apply(self, layer: Any, x: torch.Tensor,
                   bias: torch.Tensor | None = None) -> torch.Tensor:
-            if not layer.moegi_int4:
-                out: torch.Tensor = super().apply(layer, x, bias)
-                return out
-            out = torch.ops.moegi.awq_linear_cpu(x, layer.qweight, layer.scales, bias)
+            out: torch.Tensor
+            if layer.moegi_kernel is None:
+                out = super().apply(layer, x, bias)
+            elif layer.moegi_kernel == "native":
+                out = torch.ops.moegi_native.linear(x, layer.qweight, layer.scales, layer.qzeros,
+                                                    bias)
+            else:
+                out = torch.ops.moegi.awq_linear_cpu(x, layer.qweight, layer.scales, bias)
             return out
 
     return MoegiCPUAWQLinearMethod
@@ -226,13 +247,34 @@ def _method_class() -> type:
                         moe.intermediate_size, moe.tp_size, moe.moe_parallel_config.use_ep)
 
         def process_weights_after_loading(self, layer: Any) -> None:
-            experts = CPUExperts(layer.w13_qweight.data, layer.w13_scales.data,
-                                 layer.w13_qzeros.data, layer.w2_qweight.data,
-                                 layer.w2_scales.data, layer.w2_qzeros.data)
-            _replace_parameters(layer, ("w13_qzeros", "w2_qzeros"), w13_qweight=experts.w13,
-                                w13_scales=experts.w13_sz, w2_qweight=experts.w2,
-                                w2_scales=experts.w2_sz)
+            experts, hidden, inter8 = layer.w13_qweight.shape
+            self.native = native.runs_experts(hidden, inter8 * 4, self.quant_config.group_size) \
+                and native.load()
+            if self.native:
+                self._pack_native(layer, experts)
+            else:
+                packed = CPUExperts(layer.w13_qweight.data, layer.w13_scales.data,
+                                    layer.w13_qzeros.data, layer.w2_qweight.data,
+                                    layer.w2_scales.data, layer.w2_qzeros.data)
+                _replace_parameters(layer, ("w13_qzeros", "w2_qzeros"), w13_qweight=packed.w13,
+                                    w13_scales=packed.w13_sz, w2_qweight=packed.w2,
+                                    w2_scales=packed.w2_sz)
             self.processed = True
+
+        @staticmethod
+        def _pack_native(layer: Any, experts: int) -> None:
+            """Each expert repacked once (one at a time: bounded temporary memory), gate and up
+            blocks interleaved so the op computes SiLU(gate) * up block by block."""
+            packed: dict[str, list[torch.Tensor]] = {}
+            for e in range(experts):
+                for w, interleave in (("w13", True), ("w2", False)):
+                    parts = torch.ops.moegi_native.repack(
+                        getattr(layer, f"{w}_qweight").data[e],
+                        getattr(layer, f"{w}_qzeros").data[e],
+                        getattr(layer, f"{w}_scales").data[e], interleave)
+                    for leaf, t in zip(("qweight", "scales", "qzeros"), parts, strict=True):
+                        packed.setdefault(f"{w}_{leaf}", []).append(t)
+            _replace_parameters(layer, (), **{k: torch.stack(v) for k, v in packed.items()})
 
         def get_fused_moe_quant_config(self, layer: Any) -> Any:
             return None  # no modular kernel: the experts are computed in `apply`
@@ -244,10 +286,17 @@ def _method_class() -> type:
             if shared_experts is not None:  # Mixtral has none; a family with them is not run
                 raise NotImplementedError("moegi's CPU AWQ MoE experts do not run shared "
                                           "experts")
-            out: torch.Tensor = torch.ops.moegi.awq_moe_cpu(
-                x, topk_weights, topk_ids, layer.w13_qweight, layer.w13_scales,
-                layer.w2_qweight, layer.w2_scales,
-                bool(layer.apply_router_weight_on_input))
+            on_input = bool(layer.apply_router_weight_on_input)
+            out: torch.Tensor
+            if self.native:
+                out = torch.ops.moegi_native.moe(
+                    x, topk_weights, topk_ids, layer.w13_qweight, layer.w13_scales,
+                    layer.w13_qzeros, layer.w2_qweight, layer.w2_scales, layer.w2_qzeros,
+                    on_input)
+            else:
+                out = torch.ops.moegi.awq_moe_cpu(
+                    x, topk_weights, topk_ids, layer.w13_qweight, layer.w13_scales,
+                    layer.w2_qweight, layer.w2_scales, on_input)
             return out
 
     return MoegiCPUAWQMoEMethod
@@ -316,9 +365,10 @@ def register() -> None:
                 and not is_layer_skipped(prefix, self.modules_to_not_convert or [],
                                          match_mode="substring")
                 and (force or not vllm_has_backend(self, layer.moe_config))):
-            log.info("moegi: 4-bit AWQ experts of %s run on moegi's CPU kernel (%s)", prefix,
+            log.info("moegi: 4-bit AWQ experts of %s run on moegi's CPU kernel (%s; %s)", prefix,
+                     f"native, {native.isa()}" if native.load() else "torch's int4 kernel",
                      f"{CPU_MOE_ENV}=plugin" if force else
-                     "torch's int4 kernel; vLLM has no WNA16 MoE backend on this CPU")
+                     "vLLM has no WNA16 MoE backend on this CPU")
             return method_class(self, layer.moe_config)
         method = original(self, layer, prefix)
         if type(method).__name__ == "AutoAWQMarlinLinearMethod" and self.weight_bits == 4:
