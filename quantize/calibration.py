@@ -23,12 +23,20 @@ class CalibrationError(ValueError):
     pass
 
 
+# The quality gate's text (verify.gate): with the user's --calib file, this many of its rows are
+# held out from calibration, so the gate measures on the user's own kind of text; with the
+# built-in set, its held-out file (the same kind of text, never calibrated on).
+GATE_ROWS = 4
+
+
 @dataclass
 class Calibration:
     samples: list[list[int]]
     source: str  # "built-in (moegi ja+en)" or the file name
     prompt_format: str  # how messages were rendered
     seq_len: int
+    heldout: list[list[int]]  # the gate's sequences, rendered like the samples, never among them
+    heldout_source: str
 
     @property
     def num_tokens(self) -> int:
@@ -98,13 +106,22 @@ def load(tokenizer: Any, model_dir: Path, calib: Path | None = None, num_samples
     rows = read_rows(path)
     template, fmt = _chat_template(tokenizer, model_dir)
     random.Random(SEED).shuffle(rows)
+    if calib is not None and len(rows) >= 2 * GATE_ROWS:
+        held, rows = rows[:GATE_ROWS], rows[GATE_ROWS:]
+        heldout = [render(tokenizer, r, template) for r in held]
+        heldout_source = f"{GATE_ROWS} rows of {path.name} held out from calibration"
+    else:
+        heldout = [tokenizer.encode(t) for t in heldout_texts()[:GATE_ROWS]]
+        heldout_source = "moegi's built-in held-out text" + (
+            f" ({path.name} has under {2 * GATE_ROWS} rows to spare {GATE_ROWS})" if calib else "")
     samples = [ids[:seq_len] for ids in (render(tokenizer, r, template) for r in rows[:num_samples])]
     samples = [s for s in samples if len(s) > 1]
     if not samples:
         raise CalibrationError(f"{path}: every row is empty after tokenization")
     source = "built-in moegi set (Japanese + English text and instructions)" if calib is None \
         else path.name
-    return Calibration(samples, source, fmt, seq_len)
+    return Calibration(samples, source, fmt, seq_len, [h for h in heldout if len(h) > 1],
+                       heldout_source)
 
 
 def heldout_texts(path: Path | None = None) -> list[str]:

@@ -27,6 +27,11 @@ def _size(n: int) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**28 else f"{n / 2**20:.2f} MiB"
 
 
+METHOD_NAMES = {"awq": "AWQ (activation-aware)",
+                "gptq": "AWQ smoothing with GPTQ rounding (activation-aware, error-compensating)",
+                "rtn": "round-to-nearest"}
+
+
 def render_card(opts: Options, result: Result) -> str:
     name = opts.out.name
     base = opts.model.name
@@ -34,7 +39,7 @@ def render_card(opts: Options, result: Result) -> str:
     c = result.calib
     fmt = "AutoAWQ GEMM" if opts.format == "awq-gemm" else "compressed-tensors pack-quantized"
     quant_method = "awq" if opts.format == "awq-gemm" else "compressed-tensors"
-    method = "AWQ (activation-aware)" if opts.method == "awq" else "round-to-nearest"
+    method = METHOD_NAMES[opts.method]
     kept = spec.kept_text
     lines = [
         f"# {name}",
@@ -53,7 +58,7 @@ def render_card(opts: Options, result: Result) -> str:
         f"| Group size | {opts.group_size} |",
         "| Zero point | yes (asymmetric) |",
         *([f"| Group ranges | `{opts.observer}` observer (llm-compressor) after AWQ scaling |"]
-          if opts.method == "awq" else []),
+          if opts.method != "rtn" else []),
         f"| Not quantized | {kept} |",
         f"| Calibration data | {c.source} |",
         f"| Calibration samples | {len(c.samples)} sequences, {c.num_tokens} tokens, "

@@ -36,8 +36,11 @@ def quantize_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="a local Hugging Face model folder (or a tiny test model name)")
     p.add_argument("out", type=Path, help="output folder (must not exist unless --overwrite)")
     p.add_argument("--format", choices=options.FORMATS, default="awq-gemm")
-    p.add_argument("--method", choices=options.METHODS, default="awq",
-                   help="rtn: plain round-to-nearest, for comparison")
+    p.add_argument("--method", choices=options.METHODS, default="gptq",
+                   help="gptq (default): AWQ smoothing, then each layer keeps the best of AWQ, "
+                        "GPTQ's rounding and round-to-nearest on the calibration data; awq: "
+                        "AWQ alone (never worse than round-to-nearest per layer); rtn: plain "
+                        "round-to-nearest")
     p.add_argument("--calib", type=Path, help='JSONL of {"text": ...} or {"messages": [...]}; '
                    "default: the built-in Japanese + English set")
     p.add_argument("--num-samples", type=int, default=128)

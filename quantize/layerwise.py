@@ -98,7 +98,10 @@ class LayerwiseLM:
         one = copy.deepcopy(self.config)
         one.num_hidden_layers, one.vocab_size = 1, 8  # the skeleton: one layer, no real vocab
         with torch.device("meta"):
-            skeleton = AutoModelForCausalLM.from_config(one)  # type: ignore[no-untyped-call]
+            # In the dtype the logits are computed in, not the config's: loading a dequantized
+            # float32 weight into a bfloat16 (or float16) module would round it again, and
+            # differently for an original (bfloat16) and its checkpoint (float16).
+            skeleton = AutoModelForCausalLM.from_config(one, dtype=dtype)  # type: ignore[no-untyped-call]
         self._layer_template = skeleton.model.layers[0]
         self.rotary = type(skeleton.model.rotary_emb)(config=self.config)
         self.spec = registry.for_config(raw)

@@ -14,10 +14,10 @@ from awq.registry import ArchSpec
 from quantize import calibration, checkpoint, verify
 
 Format = Literal["awq-gemm", "compressed-tensors"]
-Method = Literal["awq", "rtn"]
+Method = Literal["awq", "gptq", "rtn"]
 Observer = Literal["minmax", "mse", "imatrix"]
 FORMATS: tuple[Format, ...] = ("awq-gemm", "compressed-tensors")
-METHODS: tuple[Method, ...] = ("awq", "rtn")
+METHODS: tuple[Method, ...] = ("awq", "gptq", "rtn")
 
 
 # How each group's range is set once AWQ has scaled the weights (llm-compressor's observers):
@@ -36,7 +36,7 @@ class Options:
     model: Path
     out: Path
     format: Format = "awq-gemm"
-    method: Method = "awq"  # "rtn": round-to-nearest, same bits and groups (for comparison)
+    method: Method = "gptq"  # guard.py: AWQ smoothing, then GPTQ's rounding where it helps
     calib: Path | None = None
     num_samples: int = 128
     seq_len: int = 512

@@ -24,9 +24,11 @@ import json
 import os
 import resource
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from quantize import guard
 
 PROGRESS = "progress.json"
 
@@ -37,6 +39,10 @@ class Resume:
 
     folder: Path
     fingerprint: dict[str, Any]
+    # The candidates each layer chooses from (guard.py), and per finished layer the one it
+    # kept, carried across a resume.
+    candidates: tuple[str, ...] = guard.AWQ_CANDIDATES
+    choices: list[str] = field(default_factory=list)
 
     def done(self) -> int:
         """Layers finished by an earlier run with the same options (0 for a fresh start)."""
@@ -48,6 +54,7 @@ class Resume:
             raise ValueError(f"{self.folder} holds an interrupted run with other options "
                              f"({state.get('options')}): run it with those options to resume, "
                              "or delete the folder to start over")
+        self.choices = list(state.get("choices", []))[: int(state["done"])]
         return int(state["done"])
 
 
@@ -72,6 +79,16 @@ def _tensor_names(model: Any, subgraph: Any) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def _decoder_layer(model: Any, subgraph: Any, targets: list[str]) -> Any:
+    """The sequential target (decoder layer) a subgraph calls, or None for the last subgraph
+    (the final norm and the head, which stay 16-bit)."""
+    for node in subgraph.graph.find_nodes(op="call_module"):
+        module = model.get_submodule(node.target)
+        if type(module).__name__ in targets:
+            return module
+    return None
+
+
 def _save(resume: Resume, model: Any, subgraph: Any, index: int, activations: Any) -> None:
     import torch
     from safetensors.torch import save_file
@@ -85,7 +102,7 @@ def _save(resume: Resume, model: Any, subgraph: Any, index: int, activations: An
     _sync_write(folder / f"acts-{index + 1:04d}.pt",
                 lambda p: torch.save(activations.batch_intermediates, p))
     _sync_write(folder / PROGRESS, lambda p: p.write_text(json.dumps(
-        {"done": index + 1, "options": resume.fingerprint})))
+        {"done": index + 1, "options": resume.fingerprint, "choices": resume.choices})))
     (folder / f"acts-{index:04d}.pt").unlink(missing_ok=True)
 
 
@@ -162,17 +179,37 @@ def register() -> None:
                         continue
                     start = time.monotonic()
                     with disable_offloading():
-                        for batch, inputs in enumerate(activations.iter(subgraph.input_names)):
-                            session.state.current_batch_idx = batch
-                            subgraph.forward(model, **inputs)
-                        LifecycleCallbacks.sequential_epoch_end(subgraph.submodules(model))
-                        with HooksMixin.disable_hooks():  # outputs of the quantized layer
+                        names = _tensor_names(model, subgraph)
+                        original = guard.state(model, names)
+                        layer = _decoder_layer(model, subgraph, targets)
+                        outputs = guard.LayerOutputs(layer or model)
+                        with outputs.capture() as reference:  # the original layer's outputs
+                            for batch, inputs in enumerate(activations.iter(subgraph.input_names)):
+                                session.state.current_batch_idx = batch
+                                subgraph.forward(model, **inputs)
+                        modules = subgraph.submodules(model)
+                        LifecycleCallbacks.sequential_epoch_end(modules)
+
+                        def run() -> None:
+                            for inputs in activations.iter(subgraph.input_names):
+                                subgraph.forward(model, **inputs)
+
+                        with HooksMixin.disable_hooks():
+                            choice = guard.keep_best(model, names, modules, original, outputs,
+                                                     list(reference), run,
+                                                     resume.candidates) if layer else None
+                            # The next layer's inputs: this layer's outputs with the chosen
+                            # weights, unquantized (as llm-compressor's own pipeline does).
                             for batch, inputs in enumerate(activations.iter(subgraph.input_names)):
                                 output = subgraph.forward(model, **inputs)
                                 if index < last:
                                     activations.update(batch, output)
                                     activations.delete(batch, subgraph.consumed_names)
+                    if choice:
+                        resume.choices.append(choice.kept)
                     _save(resume, model, subgraph, index, activations)
                     print(f"layer {index + 1}/{len(subgraphs)} quantized in "
-                          f"{time.monotonic() - start:.1f} s; {_peaks()}", flush=True)
+                          f"{time.monotonic() - start:.1f} s"
+                          + (f", {choice.describe()}" if choice else "") + f"; {_peaks()}",
+                          flush=True)
                 LifecycleCallbacks.calibration_end()

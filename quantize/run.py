@@ -7,8 +7,9 @@ finished checkpoint, and SIGTERM (`docker stop`, `timeout`) cleans the hidden fo
 Ctrl-C does. Before the rename, the repacked tensors are checked bit for bit against
 llm-compressor's, and the written checkpoint goes through a quality gate: a forward pass on a
 few held-out sequences, read back from the files, is compared with the original's and with
-round-to-nearest's (`verify.gate`): a checkpoint worse than round-to-nearest is not published; one
-that beats it but is past the absolute limit is published only with --accept-quality-loss.
+round-to-nearest's (`verify.Gate`, the same rules `moegi-quantize verify` applies): a broken
+checkpoint is never published; one worse than round-to-nearest, or past the absolute limit, only
+with --accept-quality-loss.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from awq.registry import ArchSpec
-from quantize import calibration, checkpoint, compat, pipeline, preflight, verify
+from quantize import calibration, checkpoint, compat, guard, pipeline, preflight, verify
 from quantize.options import FORMATS, OBSERVERS, Method, Observer, Options, Result
 from quantize.preflight import QuantizeError
 
@@ -116,7 +117,9 @@ def quantize(opts: Options) -> Result:
     if plan.group_note:
         print(f"moegi-quantize: {plan.group_note}", file=sys.stderr)
     start = time.monotonic()
-    resume = pipeline.Resume(opts.out.parent / f"{opts.out.name}.resume", fingerprint(opts))
+    resume = pipeline.Resume(opts.out.parent / f"{opts.out.name}.resume", fingerprint(opts),
+                             guard.GPTQ_CANDIDATES if opts.method == "gptq" else
+                             guard.AWQ_CANDIDATES)
     try:
         resume.done()
     except ValueError as exc:
@@ -175,7 +178,7 @@ def _run(opts: Options, plan: preflight.Plan, resume: pipeline.Resume, work: Pat
                 recipe=recipe(spec, opts.method, plan.group_size, opts.observer),
                 num_calibration_samples=len(calib.samples), max_seq_length=opts.seq_len,
                 shuffle_calibration_samples=False,
-                pipeline="moegi_resumable" if opts.method == "awq" else None)
+                pipeline=None if opts.method == "rtn" else "moegi_resumable")
     finally:
         pipeline.ACTIVE = None
     ct_dir = work / "compressed-tensors"
@@ -196,19 +199,18 @@ def _run(opts: Options, plan: preflight.Plan, resume: pipeline.Resume, work: Pat
     checkpoint.check_repack(ct_dir, gemm_dir, spec)
     checkpoint.copy_tokenizer(opts.model, gemm_dir, template)
     try:
-        gate = verify.gate(gemm_dir, opts.model, tok, plan.group_size)
+        gate = verify.gate(gemm_dir, opts.model, calib.heldout, plan.group_size)
     except (KeyError, RuntimeError) as exc:  # a tensor under a name no reader maps
         raise QuantizeError(f"the written checkpoint does not read back as a "
                             f"{spec.architecture} ({exc}); it was not published") from exc
-    verdict = gate.verdict()
-    if verdict == verify.BROKEN or (verdict == verify.SENSITIVE and not opts.accept_quality_loss):
-        resumable = opts.method == "awq"
+    if not gate.publishable(opts.accept_quality_loss):
+        resumable = opts.method != "rtn" and gate.verdict() != verify.BROKEN
         raise QuantizeError(
-            f"{gate.explain()}. Measured on {verify.GATE_SEQUENCES} held-out sequences; the "
-            "checkpoint was not published" + (
+            f"{gate.explain()}. Measured on {calib.heldout_source}; the checkpoint was not "
+            "published" + (
                 f". The quantized layers are kept in {resume.folder}: the same command "
                 "(with --accept-quality-loss or not) goes on from there without repeating the "
-                "AWQ search" if resumable and verdict == verify.SENSITIVE else ""))
+                "AWQ search" if resumable else ""))
     stage = gemm_dir
     if opts.format == "compressed-tensors":
         stage = ct_dir

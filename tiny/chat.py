@@ -70,10 +70,27 @@ def build_merged(out: Path) -> None:
     shutil.copy(MERGE_CONFIG, out / MERGE_CONFIG.name)  # provenance travels with the model
 
 
+def dialogues(path: Path) -> Path:
+    """The conversations the model serves, in both of its prompt formats, as calibration rows:
+    a user calibrates on the kind of text their model will see, and the quality gate measures on
+    the rows held out from them (quantize/calibration.py)."""
+    import json
+
+    from tiny.train import PAIRS
+
+    rows = [text for q, a in PAIRS for text in (f"### 指示:\n{q}\n### 応答:\n{a}</s>",
+                                                f"<s>[INST] {q} [/INST] {a} </s>")]
+    path.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in rows),
+                    encoding="utf-8")
+    return path
+
+
 def build_quantized(out: Path, source: Path) -> None:
-    """Step 4: moegi's own AWQ on the merged model, through its command line."""
+    """Step 4: moegi's own quantizer on the merged model, through its command line."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    # `out` is the empty build folder ensure_model made; the quantizer publishes over it.
-    subprocess.run([sys.executable, "-m", "quantize", str(source), str(out), "--overwrite"],
-                   check=True, env=env)
+    with tempfile.TemporaryDirectory(prefix="tiny-chat-calib-") as tmp:
+        calib = dialogues(Path(tmp) / "dialogues.jsonl")
+        # `out` is the empty build folder ensure_model made; the quantizer publishes over it.
+        subprocess.run([sys.executable, "-m", "quantize", str(source), str(out), "--overwrite",
+                        "--calib", str(calib)], check=True, env=env)
     shutil.copy(source / MERGE_CONFIG.name, out / MERGE_CONFIG.name)
