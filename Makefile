@@ -45,7 +45,7 @@ export MOEGI_CACHE ?= $(HOME)/.cache/moegi
 export HF_HUB_OFFLINE ?= 1
 export PIP_DISABLE_PIP_VERSION_CHECK ?= 1
 
-.PHONY: serve test lint unit integration install models clean quantize-env quantize test-quantize prometheus \
+.PHONY: serve test lint unit integration install native models clean quantize-env quantize test-quantize prometheus \
 	podman images test-images \
 	bench bench-moe bench-env bench-quantize bench-quality clients-env eval
 
@@ -58,6 +58,11 @@ $(STAMP): pyproject.toml
 	# imports ("operator torchvision::nms does not exist"); vLLM needs none of them for text.
 	$(if $(GPU),,$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec)
 	touch $(STAMP)
+
+# moegi's native int4 CPU kernels, compiled once into $(MOEGI_CACHE)/native so that no server
+# compiles while starting; without a C++ compiler this warns and the plugin uses pure-torch kernels.
+native: $(STAMP)
+	-@$(BIN)/python -m vllm_plugins.native
 
 quantize-env: $(QSTAMP)
 
@@ -100,25 +105,25 @@ prometheus:
 models: $(STAMP) $(QSTAMP)
 	$(BIN)/python -m tiny.build
 
-serve: $(STAMP) $(QSTAMP)
+serve: $(STAMP) $(QSTAMP) native
 	$(BIN)/python -m serve --host $(HOST) --port $(PORT) $(ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check --no-cache serve quantize awq vllm_plugins tiny chat_templates tests bench evals deploy
-	$(BIN)/mypy
+	$(BIN)/python -m tests.suites --only lint,types
 
 unit: $(STAMP)
 	$(BIN)/python -m pytest -q tests -m 'not integration' --ignore=tests/images
 
-integration: $(STAMP) $(QSTAMP) $(CSTAMP) prometheus models
+integration: $(STAMP) $(QSTAMP) $(CSTAMP) prometheus models native
 	$(BIN)/python -m pytest -q tests/integration
 
 test-quantize: $(QSTAMP) models
 	$(QBIN)/python -m pytest -q tests/quantize
 
-test: lint models $(QSTAMP) $(CSTAMP) prometheus
-	$(QBIN)/python -m pytest -q tests/quantize
-	$(BIN)/python -m pytest -q tests --ignore=tests/images
+# Lint, types and both suites (two environments), each run to its end; tests/suites.py prints
+# every step's result at the end and fails if any step failed.
+test: $(STAMP) models native $(QSTAMP) $(CSTAMP) prometheus
+	$(BIN)/python -m tests.suites
 
 # Containers, built and run for real (CI runs this after `make test`): podman with runc, and
 # debootstrap for base-image stand-ins where no registry serves them (deploy/podman/images.py).
@@ -139,7 +144,7 @@ test-images: $(STAMP) images models
 	$(BIN)/python -m pytest -q -s tests/images
 
 # Benchmarks print tables; they are not tests (README: Performance).
-bench-moe: $(STAMP) $(QSTAMP) $(BSTAMP)
+bench-moe: $(STAMP) $(QSTAMP) $(BSTAMP) native
 	$(BIN)/python -m bench.moe $(BARGS)
 
 # llama.cpp, what a CPU user would run instead, for bench-moe: built from llama-cpp-python's PyPI

@@ -3,22 +3,26 @@ family of models says everything moegi's stages need to know about its layout.
 
 Per family: the AWQ mappings (which activation is smoothed, which linears absorb the inverse
 scale), what stays 16-bit (for llm-compressor, for config.json's readers, and as a regex over
-checkpoint tensor names), the rename onto the layout AutoAWQ readers load, the experts' and the
-router's tensor names, and the config.json keys for the expert counts. The quantize stage
-(recipe, preflight, the RTN baseline, the card, the layer-by-layer reader) reads it from here,
-and so a new architecture is one JSON entry (tests/awq/test_registry.py adds a made-up MoE
-family that way). Pure Python: the serving side may import it without the quantize stage.
+checkpoint tensor names), the rename onto the layout AutoAWQ readers load, the experts', the
+router's and the shared expert's tensor names, transformers' module names, the config.json keys
+for the expert counts, and the card's words; and the architectures refused, with the reason. The
+quantize stage (recipe, preflight, the RTN baseline, the card, the layer-by-layer reader) reads
+it from here, and so a new architecture is one JSON entry (tests/awq/test_registry.py adds a
+family that way, and tests/integration/test_families.py quantizes and serves one from a JSON
+file alone). Pure Python: the serving side may import it without the quantize stage.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 REGISTRY = Path(__file__).with_name("architectures.json")
+REGISTRY_ENV = "MOEGI_ARCHITECTURES"
 
 
 class UnsupportedArchitecture(ValueError):
@@ -27,30 +31,40 @@ class UnsupportedArchitecture(ValueError):
 
 @dataclass(frozen=True)
 class Experts:
-    """How a MoE family names one expert's tensors, in any layout its checkpoints use."""
+    """How a MoE family names one expert's tensors, in any layout its checkpoints use, and the
+    names transformers 5's own modules give the router and the fused experts."""
 
     pattern: re.Pattern[str]  # groups: the expert index, the projection's name
     roles: dict[str, str]  # projection name -> "gate", "up" or "down"
-    router: str  # the router's weight, relative to the layer
-    count_key: str  # config.json: number of experts
+    router: str  # the router's weight in checkpoints, relative to the layer
+    count_keys: tuple[str, ...]  # config.json: number of experts (the first key present)
     per_token_key: str  # config.json: experts per token
+    modules: dict[str, str]  # transformers' names: "router", "gate_up" [E, 2I, H], "down" [E, H, I]
 
     def match(self, name: str) -> tuple[int, str] | None:
         """(expert, role) of a layer-relative tensor name, or None when it is not an expert's."""
         m = self.pattern.match(name)
         return (int(m.group(1)), self.roles[m.group(2)]) if m else None
 
+    def count(self, config: dict[str, Any]) -> int:
+        for key in self.count_keys:
+            if config.get(key):
+                return int(config[key])
+        raise KeyError(f"config.json has none of {', '.join(self.count_keys)} (the number of "
+                       "experts)")
+
 
 @dataclass(frozen=True)
 class ArchSpec:
     architecture: str
-    family: str  # "dense", "moe", or another family of the registry
+    family: str  # a family of the registry ("dense", "mixtral", "qwen2-moe", ...)
     mappings: tuple[tuple[str, tuple[str, ...]], ...]  # (smooth, balance layers)
     ignore: tuple[str, ...]
     modules_to_not_convert: tuple[str, ...] | None
     rename: tuple[tuple[str, str], ...]
     kept: re.Pattern[str]  # checkpoint tensors that stay 16-bit
     kept_text: str  # the same, in the model card's words
+    card_text: str = ""  # the family's sentence in the card
     experts: Experts | None = field(default=None)
 
     @property
@@ -74,8 +88,14 @@ class ArchSpec:
         return name
 
 
+def registry_path() -> Path:
+    """The registry file: `MOEGI_ARCHITECTURES` names another (a family added as data, tried
+    before it is shipped), else the one beside this module."""
+    return Path(os.environ.get(REGISTRY_ENV) or REGISTRY)
+
+
 def _registry(path: Path | None = None) -> dict[str, Any]:
-    data: dict[str, Any] = json.loads((path or REGISTRY).read_text(encoding="utf-8"))
+    data: dict[str, Any] = json.loads((path or registry_path()).read_text(encoding="utf-8"))
     return data
 
 
@@ -84,8 +104,11 @@ def supported(path: Path | None = None) -> list[str]:
 
 
 def lookup(architecture: str, path: Path | None = None) -> ArchSpec:
-    """The spec for an architecture class; unsupported ones fail with the supported list."""
+    """The spec for an architecture class; refused and unknown ones fail saying why."""
     data = _registry(path)
+    if architecture in data.get("refused", {}):
+        raise UnsupportedArchitecture(f"architecture {architecture!r} is not supported: "
+                                      f"{data['refused'][architecture]}")
     entry = data["architectures"].get(architecture)
     if entry is None:
         raise UnsupportedArchitecture(
@@ -95,11 +118,12 @@ def lookup(architecture: str, path: Path | None = None) -> ArchSpec:
     maps = tuple((m["smooth"], tuple(m["balance"])) for m in data["mappings"][entry["mappings"]])
     mtnc = fam["modules_to_not_convert"]
     experts = Experts(re.compile(fam["experts"]["pattern"]), dict(fam["experts"]["roles"]),
-                      fam["router"], fam["config"]["experts"], fam["config"]["per_token"]
+                      fam["router"], tuple(fam["config"]["experts"]),
+                      fam["config"]["per_token"], dict(fam["modules"])
                       ) if "experts" in fam else None
     return ArchSpec(architecture, entry["family"], maps, tuple(fam["ignore"]),
                     tuple(mtnc) if mtnc is not None else None, tuple(fam["rename"].items()),
-                    re.compile(fam["kept"]), fam["kept_text"], experts)
+                    re.compile(fam["kept"]), fam["kept_text"], fam.get("card", ""), experts)
 
 
 def for_config(config: dict[str, Any], path: Path | None = None) -> ArchSpec:

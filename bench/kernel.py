@@ -4,14 +4,16 @@ At real shapes (an expert's w13 of Swallow-MoE-4x7B `[2 x 11008, 4096]` or Swall
 `[2 x 14336, 4096]`, and the 4x7B's fused attention qkv `[12288, 4096]`), it times in this one
 process, interleaved round by round, per row count (tokens multiplied at once):
 
-- `int4`: torch's CPU int4 kernel (`_weight_int4pack_mm_for_cpu`), what moegi runs for few rows;
-- `tiled`: moegi's large-batch path (tiles dequantized to bfloat16, then a bfloat16 matmul);
+- `native`: moegi's native kernel (vllm_plugins/csrc/int4.cpp), what the plugin runs;
+- `torch`: the pure-torch fallback (torch's `_weight_int4pack_mm_for_cpu`, tiles from 64 rows);
 - `vllm`: vLLM's own CPU AWQ kernel (`cpu_gemm_wna16`), with AMX where the CPU has it, and
   `vllm vec`, its path without AMX (what a CPU without AMX runs);
 - `bf16`: `F.linear` on a resident bfloat16 weight (what the bf16 model does).
 
-It prints milliseconds (median of rounds) and each path's ratio to bf16. The thresholds in
-vllm_plugins (`int4_cpu.LARGE_BATCH_ROWS`, `awq_cpu.SMALL_ROWS`) are read from these figures.
+It prints milliseconds (median of rounds) and each path's ratio to bf16, then the native
+kernel's weight bandwidth at 1 and 8 rows (packed bytes read per second) next to a memory-copy
+bandwidth measured in the same run (bytes read plus bytes written, as STREAM counts a copy), so
+the distance to the memory limit is printed.
 
     python -m bench.kernel [--rows 1,8,16,64,512] [--rounds 5] [--shape 4x7b-qkv]
 """
@@ -26,8 +28,9 @@ from collections.abc import Callable
 
 import torch
 
+from awq.layout import pack_gemm
 from bench.models import REAL_SHAPES
-from vllm_plugins import int4_cpu
+from vllm_plugins import int4_cpu, native
 
 
 def _shapes() -> dict[str, tuple[int, int]]:
@@ -62,6 +65,15 @@ def vllm_layout(q: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.T
     return w, pack_quantized_values_into_int32(z, scalar_types.uint4, 1).contiguous()
 
 
+def copy_bandwidth(rounds: int, mib: int = 512) -> float:
+    """GB/s of a large tensor copy (read + write), median of rounds: the memory's limit here."""
+    src = torch.ones(mib << 20, dtype=torch.uint8)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    return 2 * src.numel() / statistics.median(_time(lambda: dst.copy_(src))
+                                               for _ in range(rounds)) / 1e6
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.kernel", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -72,11 +84,14 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     from vllm import _custom_ops as ops
 
+    if not native.load():
+        raise SystemExit("the native kernels could not be built (see the warning above)")
     n, k = SHAPES[a.shape]
     gen = torch.Generator().manual_seed(0)
     q = torch.randint(0, 16, (k, n), generator=gen, dtype=torch.int32)
     z = torch.randint(0, 16, (k // a.group, n), generator=gen, dtype=torch.int32)
     s = torch.rand(k // a.group, n, generator=gen) * 0.01 + 0.001
+    nw, ns, nz = torch.ops.moegi_native.repack(pack_gemm(q), pack_gemm(z), s.half(), False)
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.t().contiguous(), 2)
     sz = torch.stack([s, (8 - z.float()) * s], -1).to(torch.bfloat16)
     vw, vz = vllm_layout(q, z)
@@ -84,17 +99,19 @@ def main(argv: list[str] | None = None) -> int:
     dense = torch.randn(n, k, generator=gen).to(torch.bfloat16)
     del q
     amx = "amx" if torch.cpu._is_amx_tile_supported() else "vec"
-    print(f"{a.shape}: N {n}, K {k}, group {a.group}, {torch.get_num_threads()} threads, vLLM "
-          f"kernel {amx}; ms, median of {a.rounds} rounds (ratio to bf16)")
-    names = ["int4", "tiled", "vllm", "vllm vec", "bf16"]
+    copy = copy_bandwidth(a.rounds)
+    print(f"{a.shape}: N {n}, K {k}, group {a.group}, {torch.get_num_threads()} threads, native "
+          f"{native.isa()}, vLLM kernel {amx}; memory copy {copy:.1f} GB/s; ms, median of "
+          f"{a.rounds} rounds (ratio to bf16)")
+    names = ["native", "torch", "vllm", "vllm vec", "bf16"]
     print("| rows | " + " | ".join(names) + " |")
     print("|---:|" + "---:|" * len(names))
+    bandwidth: dict[int, float] = {}
     for rows in map(int, a.rows.split(",")):
         x = torch.randn(rows, k, generator=gen).to(torch.bfloat16)
         paths: dict[str, Callable[[], object]] = {
-            "int4": functools.partial(torch.ops.aten._weight_int4pack_mm_for_cpu, x, packed,
-                                      a.group, sz),
-            "tiled": functools.partial(int4_cpu._dequant_mm, x, packed, sz, a.group),
+            "native": functools.partial(torch.ops.moegi_native.linear, x, nw, ns, nz, None),
+            "torch": functools.partial(int4_cpu.int4mm, x, packed, sz),
             "vllm": functools.partial(ops.cpu_gemm_wna16, x, vw, vs, vz, None, 8, amx),
             "vllm vec": functools.partial(ops.cpu_gemm_wna16, x, vw, vs, vz, None, 8, "vec"),
             "bf16": functools.partial(torch.nn.functional.linear, x, dense),
@@ -106,8 +123,13 @@ def main(argv: list[str] | None = None) -> int:
             for name, fn in paths.items():
                 times[name].append(_time(fn))
         med = {name: statistics.median(t) for name, t in times.items()}
-        cells = [f"{med[name]:.1f} ({med[name] / med['bf16']:.2f}x)" for name in names]
+        bandwidth[rows] = (nw.numel() + ns.numel() * 2 + nz.numel()) / med["native"] / 1e6
+        cells = [f"{med[name]:.2f} ({med[name] / med['bf16']:.2f}x)" for name in names]
         print(f"| {rows} | " + " | ".join(cells) + " |", flush=True)
+    for rows in (1, 8):
+        if rows in bandwidth:
+            print(f"native kernel at {rows} row(s): {bandwidth[rows]:.1f} GB/s of packed weight "
+                  f"read, {bandwidth[rows] / copy:.0%} of the copy bandwidth")
     return 0
 
 

@@ -73,10 +73,8 @@ def render_card(opts: Options, result: Result) -> str:
         *([f"**Past moegi's quality limit, published on request (`--accept-quality-loss`)**: "
            f"{result.gate.explain()}.", ""] if result.gate.verdict() != "pass" else []),
         *([f"Group size: {result.group_note}.", ""] if result.group_note else []),
-        "Every expert of a MoE model is calibrated on every calibration token "
-        "(`moe_calibrate_all_experts`), and the router is compensated together with the experts "
-        "when the post-attention norm is smoothed.",
-        "",
+        *([f"Every expert is calibrated on every calibration token "
+           f"(`moe_calibrate_all_experts`). {spec.card_text}", ""] if spec.is_moe else []),
         "## Prompt format",
         "",
         (f"{c.prompt_format}. The template is shipped in this folder's tokenizer files "
@@ -116,7 +114,7 @@ def render_card(opts: Options, result: Result) -> str:
         "# TGI reads the AutoAWQ GEMM format: quantize again with --format awq-gemm",
         "```",
         "",
-        *(["transformers: not for this MoE checkpoint (transformers 5 loads AWQ Mixtral experts as "
+        *(["transformers: not for this MoE checkpoint (transformers 5 loads AWQ MoE experts as "
            "missing weights); use vLLM or moegi."] if spec.is_moe else [
             "transformers 5, through the `gptqmodel` package (`pip install gptqmodel`):",
             "",

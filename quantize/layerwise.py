@@ -57,9 +57,10 @@ def layer_tensors(shards: Shards, index: int, dtype: torch.dtype = torch.float32
 
 def module_state(tensors: dict[str, torch.Tensor], experts: Experts | None,
                  count: int) -> dict[str, torch.Tensor]:
-    """A layer's tensors, from any MoE layout, as transformers 5's Mixtral modules name them:
-    `mlp.gate.weight` [E, H], `mlp.experts.gate_up_proj` [E, 2I, H] (gate rows, then up),
-    `mlp.experts.down_proj` [E, H, I]. Dense layers pass through unchanged."""
+    """A layer's tensors, from any MoE layout, under the names transformers 5's own modules give
+    them (the registry's `modules`: for the families moegi knows, `mlp.gate.weight` [E, H],
+    `mlp.experts.gate_up_proj` [E, 2I, H] (gate rows, then up), `mlp.experts.down_proj`
+    [E, H, I]). Dense layers, and a shared expert, pass through unchanged."""
     state: dict[str, torch.Tensor] = {}
     parts: dict[tuple[int, str], torch.Tensor] = {}
     for name, t in tensors.items():
@@ -67,18 +68,18 @@ def module_state(tensors: dict[str, torch.Tensor], experts: Experts | None,
         if role:
             parts[role] = t
         elif experts and name == experts.router:
-            state["mlp.gate.weight"] = t
+            state[experts.modules["router"]] = t
         else:
             state[name] = t
-    if parts:
+    if experts and parts:
         missing = [(e, p) for e in range(count) for p in ("gate", "up", "down")
                    if (e, p) not in parts]
         if missing or len(parts) != 3 * count:
             raise KeyError(f"expert tensors missing or unexpected: {missing[:4]} "
                            f"({len(parts)} found for {count} experts)")
-        state["mlp.experts.gate_up_proj"] = torch.stack(
+        state[experts.modules["gate_up"]] = torch.stack(
             [torch.cat([parts[(e, "gate")], parts[(e, "up")]]) for e in range(count)])
-        state["mlp.experts.down_proj"] = torch.stack([parts[(e, "down")] for e in range(count)])
+        state[experts.modules["down"]] = torch.stack([parts[(e, "down")] for e in range(count)])
     return state
 
 
@@ -105,7 +106,7 @@ class LayerwiseLM:
         self._layer_template = skeleton.model.layers[0]
         self.rotary = type(skeleton.model.rotary_emb)(config=self.config)
         self.spec = registry.for_config(raw)
-        self.experts = int(raw.get(self.spec.experts.count_key, 0)) if self.spec.experts else 0
+        self.experts = self.spec.experts.count(raw) if self.spec.experts else 0
 
     def layer(self, index: int) -> torch.nn.Module:
         layer = copy.deepcopy(self._layer_template).to_empty(device="cpu")

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class Loader:
     name: str
-    dense: str  # Llama, Mistral
-    moe: str  # Mixtral
+    dense: str  # Llama, Mistral, Qwen2, Qwen3
+    moe: str  # Mixtral, Qwen2-MoE, Qwen3-MoE
     checked: str  # where and how it was checked
 
 
@@ -39,7 +39,8 @@ LOADERS = (
 
 
 def readme_table() -> str:
-    rows = ["| Loader | Dense (Llama, Mistral) | MoE (Mixtral) | Where checked |",
+    rows = ["| Loader | Dense (Llama, Mistral, Qwen2, Qwen3) | MoE (Mixtral, Qwen2-MoE, Qwen3-MoE) "
+            "| Where checked |",
             "|---|---|---|---|"]
     rows += [f"| {x.name} | {x.dense} | {x.moe} | {x.checked} |" for x in LOADERS]
     return "\n".join(rows)

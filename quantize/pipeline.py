@@ -20,6 +20,7 @@ upstream's, kept line for line where it can be.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import resource
@@ -77,6 +78,12 @@ def _tensor_names(model: Any, subgraph: Any) -> list[str]:
             names += [f"{sub}.{n}" for n, t in [*mod._parameters.items(), *mod._buffers.items()]
                       if t is not None]
     return list(dict.fromkeys(names))
+
+
+def _run_all(model: Any, subgraph: Any, activations: Any) -> None:
+    """The subgraph over every calibration batch (its outputs unused)."""
+    for inputs in activations.iter(subgraph.input_names):
+        subgraph.forward(model, **inputs)
 
 
 def _decoder_layer(model: Any, subgraph: Any, targets: list[str]) -> Any:
@@ -190,10 +197,7 @@ def register() -> None:
                         modules = subgraph.submodules(model)
                         LifecycleCallbacks.sequential_epoch_end(modules)
 
-                        def run() -> None:
-                            for inputs in activations.iter(subgraph.input_names):
-                                subgraph.forward(model, **inputs)
-
+                        run = functools.partial(_run_all, model, subgraph, activations)
                         with HooksMixin.disable_hooks():
                             choice = guard.keep_best(model, names, modules, original, outputs,
                                                      list(reference), run,

@@ -19,6 +19,7 @@ from safetensors import safe_open
 
 from awq import registry
 from awq.registry import ArchSpec
+from awq.widths import widths
 from quantize.options import FORMATS
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
@@ -36,31 +37,20 @@ class QuantizeError(ValueError):
     pass
 
 
-def layer_widths(config: dict[str, Any]) -> list[int]:
-    """The input widths of the quantized linears: hidden (q/k/v, gate/up, experts' w1/w3),
-    intermediate (down, w2) and the attention output (o_proj reads heads x head_dim)."""
-    hidden = config.get("hidden_size")
-    heads = config.get("num_attention_heads")
-    head_dim = config.get("head_dim") or (hidden // heads if hidden and heads else None)
-    widths = {hidden, config.get("intermediate_size"),
-              heads * head_dim if heads and head_dim else None}
-    return sorted(int(w) for w in widths if w)
-
-
 def choose_group_size(config: dict[str, Any], requested: int | None) -> tuple[int, str | None]:
     """(group size, a note for the summary and the card, or None). Refuses a size the serving
     kernels cannot run or that does not tile the layers, naming the sizes that would."""
-    widths = layer_widths(config)
-    fits = [g for g in SERVABLE_GROUPS if all(w % g == 0 for w in widths)]
+    sizes = widths(config).all()
+    fits = [g for g in SERVABLE_GROUPS if all(w % g == 0 for w in sizes)]
     if requested is None:
         marlin = [g for g in fits if g in MARLIN_GROUPS and g <= DEFAULT_GROUP]
         if not marlin:
             raise QuantizeError(f"no group size the serving kernels run ({SERVABLE_GROUPS}) "
-                                f"divides this model's layer widths {widths}")
+                                f"divides this model's layer widths {sizes}")
         chosen = max(marlin)
         note = None if chosen == DEFAULT_GROUP else (
             f"group size {chosen}: the default {DEFAULT_GROUP} does not divide the layer widths "
-            f"{widths}; {chosen} is the largest that does and that every serving kernel runs")
+            f"{sizes}; {chosen} is the largest that does and that every serving kernel runs")
         return chosen, note
     if requested not in SERVABLE_GROUPS:
         raise QuantizeError(f"--group-size {requested}: the serving kernels run group sizes "
@@ -68,7 +58,7 @@ def choose_group_size(config: dict[str, Any], requested: int | None) -> tuple[in
                             f"CUDA: {', '.join(map(str, MARLIN_GROUPS))}); for this model use "
                             f"{' or '.join(map(str, fits)) or 'none: no size fits'}")
     if requested not in fits:
-        raise QuantizeError(f"--group-size {requested} must divide the layer widths {widths}; "
+        raise QuantizeError(f"--group-size {requested} must divide the layer widths {sizes}; "
                             f"sizes that do and that the serving kernels run: "
                             f"{', '.join(map(str, fits)) or 'none'}"
                             + (f" (leave --group-size out to get {max(g for g in fits if g <= 128)})"

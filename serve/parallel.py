@@ -20,22 +20,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 from awq.layout import tensor_parallel_fits, whole_groups
-
-
-def _row_parallel_inputs(config: dict[str, Any]) -> dict[str, int]:
-    """Input widths of the layers tensor parallel splits by input channel."""
-    text = config.get("text_config", config)
-    heads = text["num_attention_heads"]
-    head_dim = text.get("head_dim") or text["hidden_size"] // heads
-    widths = {"attention o_proj": heads * head_dim}
-    for key, name in (("intermediate_size", "MLP's (or experts') down_proj"),
-                      ("moe_intermediate_size", "experts' down_proj")):
-        if text.get(key):
-            widths[name] = text[key]
-    return widths
+from awq.widths import text_config, widths
 
 
 def check_split(model_dir: Path, tensor_parallel: int, pipeline_parallel: int) -> None:
@@ -44,7 +31,7 @@ def check_split(model_dir: Path, tensor_parallel: int, pipeline_parallel: int) -
     if (tensor_parallel == 1 and pipeline_parallel == 1) or not config_file.is_file():
         return
     config = json.loads(config_file.read_text())
-    text = config.get("text_config", config)
+    text = text_config(config)
     layers = text.get("num_hidden_layers", 0)
     if pipeline_parallel > layers:
         raise ValueError(f"--pipeline-parallel-size {pipeline_parallel} is more stages than the "
@@ -59,10 +46,10 @@ def check_split(model_dir: Path, tensor_parallel: int, pipeline_parallel: int) -
     group = quant.get("group_size") if quant.get("quant_method") in ("awq", "gptq") else None
     if not group or group <= 0:
         return
-    widths = _row_parallel_inputs(config)
-    for name, width in widths.items():
+    row = widths(config).row_parallel
+    for name, width in row.items():
         if not whole_groups(width, group, tensor_parallel):
-            fits = tensor_parallel_fits(list(widths.values()), group, tensor_parallel)
+            fits = tensor_parallel_fits(list(row.values()), group, tensor_parallel)
             raise ValueError(
                 f"--tensor-parallel-size {tensor_parallel} gives each rank "
                 f"{width / tensor_parallel:g} of the {width} input channels of the {name}, not "

@@ -120,7 +120,13 @@ def _awq_linear_fake(x: torch.Tensor, w: torch.Tensor, sz: torch.Tensor,
 
 
 _OP_LIB: Any = None  # the torch.library that owns moegi's ops (kept alive here)
-_LOGGED: list[bool] = []  # the dense layers' log line, once per process
+_LOGGED: set[str] = set()  # log lines written once per process
+
+
+def _once(key: str, message: str, *args: object) -> None:
+    if key not in _LOGGED:
+        _LOGGED.add(key)
+        log.info(message, *args)
 
 
 def _register_ops() -> None:
@@ -188,11 +194,10 @@ def _linear_class(force: bool) -> type:
             layer.moegi_kernel = dense_kernel(
                 input_size_per_partition, sum(output_partition_sizes),
                 self.quant_config.group_size, force or not vllm_has_fast_linear(params_dtype))
-            if layer.moegi_kernel and not _LOGGED:
-                _LOGGED.append(True)
-                log.info("moegi: dense 4-bit AWQ linears run on moegi's %s int4 kernel (vLLM's "
-                         "CPU kernel has no AMX path for them here)",
-                         f"native ({native.isa()})" if layer.moegi_kernel == "native" else "torch")
+            if layer.moegi_kernel:
+                _once("dense", "moegi: dense 4-bit AWQ linears go to moegi's %s int4 kernel "
+                      "(vLLM's CPU kernel has no AMX path for them here)",
+                      f"native ({native.isa()})" if layer.moegi_kernel == "native" else "torch")
 
         def process_weights_after_loading(self, layer: Any) -> None:
             if layer.moegi_kernel is None:
@@ -201,6 +206,10 @@ def _linear_class(force: bool) -> type:
                 w, s, z = torch.ops.moegi_native.repack(layer.qweight.data, layer.qzeros.data,
                                                         layer.scales.data, False)
                 _replace_parameters(layer, (), qweight=w, scales=s, qzeros=z)
+                # After the repack only moegi's kernel can read the layer: this line says which
+                # kernel runs, where the one above says which was chosen.
+                _once("dense-native", "moegi: dense 4-bit AWQ linears repacked for moegi's "
+                      "native kernel (%s)", native.isa())
             else:
                 w = to_int4pack(layer.qweight.data)
                 sz = to_scales_and_zeros(layer.scales.data, layer.qzeros.data)
@@ -252,6 +261,8 @@ def _method_class() -> type:
                 and native.load()
             if self.native:
                 self._pack_native(layer, experts)
+                _once("moe-native", "moegi: 4-bit AWQ experts repacked for moegi's native "
+                      "MoE kernel (%s)", native.isa())
             else:
                 packed = CPUExperts(layer.w13_qweight.data, layer.w13_scales.data,
                                     layer.w13_qzeros.data, layer.w2_qweight.data,

@@ -1,10 +1,11 @@
 """The default model is a 4-bit AWQ MoE that moegi merged and quantized, served through vLLM.
 
-tiny-chat is built as tiny/chat.py says: experts -> mergekit-moe -> tuning -> moegi AWQ.
-On this CPU vLLM has no WNA16 MoE kernel; moegi's plugin (vllm_plugins/awq_cpu.py) runs the
-experts. The memorised replies (chat, stream, EOS truncation, Japanese) are checked in
-test_server.py against this same server; here: what was served, that the plugin ran inside
-vLLM's engine process, and that vLLM's greedy tokens agree with a reference forward.
+tiny-chat is built as tiny/chat.py says: experts -> mergekit-moe -> tuning -> moegi-quantize.
+On a CPU without AMX vLLM has no WNA16 MoE kernel; moegi's plugin (vllm_plugins/awq_cpu.py) runs
+the experts, and the integration servers run that path on every host. The memorised replies
+(chat, stream, EOS truncation, Japanese) are checked in test_server.py against this same
+server; here: what was served, that the plugin ran inside vLLM's engine process, and that vLLM's
+greedy tokens agree with a reference forward.
 """
 
 from __future__ import annotations
@@ -40,23 +41,23 @@ def test_the_default_model_is_a_4bit_awq_moe_from_mergekit() -> None:
 
 
 def test_the_plugin_runs_the_experts_in_vllms_engine_process(chat_server: Server) -> None:
-    """On a CPU without AMX the plugin runs every MoE layer; on one with AMX tiles vLLM's own
-    backend (CPUExpertsInt4) does and the plugin stands aside (the real-model MoE, whose hidden
-    576 no vLLM CPU backend takes, runs on the plugin on both: test_real_model.py)."""
-    import torch
-
+    """moegi's plugin runs every MoE layer and the dense 4-bit linears on its native kernels, as
+    on a CPU without AMX (the integration servers run that path on every host: conftest's
+    SERVER_ENV); the repack lines come after loading, when only moegi's kernel can read the
+    layers, so they say which kernel runs."""
     log = chat_server.log.read_text(errors="replace")
     # vLLM prefixes what its engine-core and worker processes log with their name and pid.
     lines = re.findall(r"\((?:Worker|EngineCore)[^)]*pid=\d+\).*moegi: 4-bit AWQ experts of "
-                       r"(model\.layers\.\d+\.block_sparse_moe\.experts) run on moegi's CPU kernel",
-                       log)
+                       r"(model\.layers\.\d+\.block_sparse_moe\.experts) run on moegi's CPU kernel "
+                       r"\(native, ", log)
     layers = json.loads((ensure_model("tiny-chat") / "config.json").read_text())["num_hidden_layers"]
-    if torch.cpu._is_amx_tile_supported():
-        assert lines == [] and "Using CPUExpertsInt4" in log, log[-3000:]
-    else:
-        assert sorted(set(lines)) == [f"model.layers.{i}.block_sparse_moe.experts"
-                                      for i in range(layers)], log[-3000:]
-    assert "No WNA16 MoE backend" not in log
+    assert sorted(set(lines)) == [f"model.layers.{i}.block_sparse_moe.experts"
+                                  for i in range(layers)], log[-3000:]
+    assert re.search(r"\(Worker[^)]*\).*moegi: 4-bit AWQ experts repacked for moegi's native MoE "
+                     r"kernel", log), log[-3000:]
+    assert re.search(r"\(Worker[^)]*\).*moegi: dense 4-bit AWQ linears repacked for moegi's "
+                     r"native kernel", log), log[-3000:]
+    assert "No WNA16 MoE backend" not in log and "Using CPUExpertsInt4" not in log
     # moegi's CPU default for this float16 (AutoAWQ) checkpoint: bfloat16 (serve/cli.py).
     assert "dtype=torch.bfloat16" in log and "float16 checkpoint served in bfloat16" in log
     # Compiled, as `make serve` runs it: torch.compile traced the model around the plugin's op.

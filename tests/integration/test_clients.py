@@ -13,14 +13,13 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests import clients
-from tests.integration.conftest import REPO, Server, _free_port, _stop
+from tests.integration.conftest import REPO, Server
 from tiny.build import ensure_model
 
 pytestmark = pytest.mark.integration
@@ -31,32 +30,14 @@ QUESTION = "日本の首都はどこですか？"
 ANSWER = "日本の首都は東京です。"
 
 
-@pytest.fixture(scope="module")
-def vllm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """vLLM's own OpenAI server on the same checkpoint (moegi's plugin loads there too)."""
-    tmp = tmp_path_factory.mktemp("vllm-own")
-    port = _free_port()
-    log = tmp / "vllm.log"
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model",
-           str(ensure_model("tiny-chat")), "--served-model-name", "tiny-chat", "--port", str(port),
-           "--max-model-len", "512", "--max-logprobs", "20", "--enable-tokenizer-info-endpoint",
-           # What moegi-serve chooses on a CPU for this float16 checkpoint (serve/cli.py), so
-           # that the two servers run the same engine and only the HTTP layers differ.
-           "--dtype", "bfloat16"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
-    proc = subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env,
-                            start_new_session=True)
-    server = Server("vllm", port, proc, log)
-    try:
-        yield server.wait()
-    finally:
-        _stop([server])
+LogLikelihoods = dict[tuple[str, int], list[float]]
 
 
-def _loglikelihoods(server: Server, out: Path) -> tuple[dict[str, Any], dict[tuple[str, int], list[float]]]:
+def _loglikelihoods(server: Server, model: str, out: Path, concurrent: int
+                    ) -> tuple[dict[str, Any], LogLikelihoods]:
     """lm-eval's local-completions on the shipped tasks: (results, per-sample loglikelihoods)."""
     clients.run(["-m", "lm_eval", "--model", "local-completions", "--model_args",
-             f"model=tiny-chat,base_url={server.url}/v1/completions,num_concurrent=2,"
+             f"model={model},base_url={server.url}/v1/completions,num_concurrent={concurrent},"
              "max_retries=1,tokenized_requests=True,tokenizer_backend=remote",
              "--tasks", "moegi_mc_ja,moegi_mc_en", "--include_path", str(TASKS),
              "--output_path", str(out), "--log_samples", "--seed", "1234"], cwd=TASKS)
@@ -70,18 +51,35 @@ def _loglikelihoods(server: Server, out: Path) -> tuple[dict[str, Any], dict[tup
     return results, samples
 
 
-def test_lm_eval_loglikelihoods_equal_vllms_own_server(chat_server: Server, vllm_server: Server,
+def _largest_difference(a: LogLikelihoods, b: LogLikelihoods) -> float:
+    assert set(a) == set(b) and len(a) == 32
+    return max(abs(x - y) for k in a for x, y in zip(a[k], b[k], strict=True))
+
+
+# The bound on moegi against vLLM, in units of vLLM's own noise floor (its largest difference with
+# itself at another concurrency): requests reach moegi's engine at other moments than vLLM's, so
+# they are batched differently, and bfloat16 sums depend on the batch; the HTTP layers must add
+# nothing beyond that. Plus an absolute allowance for a floor of zero. Measured on SmolLM2:
+# see the note printed by the test.
+FLOOR_FACTOR = 2.0
+FLOOR_NATS = 2e-3
+
+
+def test_lm_eval_loglikelihoods_equal_vllms_own_server(smollm2_pair: tuple[Server, Server],
                                                       tmp_path: Path) -> None:
-    """Every choice's loglikelihood through moegi equals vLLM's own server's on the same model
-    (the same engine: only the HTTP layer differs). Before scoring requests were exempt from
-    EOS truncation, 7 of 32 differed by up to 9.4 nats."""
-    ours, ours_lls = _loglikelihoods(chat_server, tmp_path / "moegi")
-    theirs, theirs_lls = _loglikelihoods(vllm_server, tmp_path / "vllm")
-    assert set(ours_lls) == set(theirs_lls) and len(ours_lls) == 32
-    worst = max(abs(a - b) for k in ours_lls
-                for a, b in zip(ours_lls[k], theirs_lls[k], strict=True))
-    print(f"\nlargest loglikelihood difference, moegi vs vLLM's server: {worst:.4f} nats")
-    assert worst < 0.02
+    """Every choice's loglikelihood through moegi equals vLLM's own server's on the same real
+    model (the same engine: only the HTTP layer differs), within vLLM's own noise floor measured
+    here: its server scored twice, at concurrency 2 and 1. Before scoring requests were exempt
+    from EOS truncation, 7 of 32 differed by up to 9.4 nats."""
+    moegi, vllm = smollm2_pair
+    ours, ours_lls = _loglikelihoods(moegi, "smollm2", tmp_path / "moegi", 2)
+    theirs, theirs_lls = _loglikelihoods(vllm, "smollm2", tmp_path / "vllm", 2)
+    _, again_lls = _loglikelihoods(vllm, "smollm2", tmp_path / "vllm-again", 1)
+    floor = _largest_difference(theirs_lls, again_lls)
+    worst = _largest_difference(ours_lls, theirs_lls)
+    print(f"\nlargest loglikelihood difference: moegi vs vLLM's server {worst:.5f} nats; vLLM's "
+          f"server vs itself at concurrency 1 {floor:.5f} nats")
+    assert worst <= max(FLOOR_FACTOR * floor, FLOOR_NATS)
     for task in ("moegi_mc_ja", "moegi_mc_en"):
         assert ours[task]["acc,none"] == theirs[task]["acc,none"]
 

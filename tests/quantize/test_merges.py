@@ -79,7 +79,8 @@ def test_a_mergekit_moe_merge_quantizes_into_vllms_layout(mergekit_merge: Path,
     out = tmp_path / "awq"
     # 0.1 MiB shards: llm-compressor's save and the repack both write many files, and the
     # fused experts' names are restored shard by shard.
-    assert cli([str(mergekit_merge), str(out), "--num-samples", "8",
+    # Experts from random weights: the gate's verdict is noise, accepted (trained: below).
+    assert cli([str(mergekit_merge), str(out), "--num-samples", "8", "--accept-quality-loss",
                 "--max-shard-gb", str(0.1 / 1024)]) == 0
     assert len(list(out.glob("model-*-of-*.safetensors"))) > 3
     vllm_layout_ok(out, layers=2, experts=3)

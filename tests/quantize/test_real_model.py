@@ -52,7 +52,8 @@ def test_a_sensitive_model_is_refused_then_published_on_request(
     err = capsys.readouterr().err
     # The group size was chosen for hidden 576, and said.
     assert "group size 64: the default 128 does not divide the layer widths [576, 1536]" in err
-    assert "beats round-to-nearest" in err and "round-to-nearest at the same groups" in err
+    assert "sensitive: the checkpoint is at least as good as round-to-nearest" in err
+    assert "round-to-nearest at the same groups" in err
     assert "--accept-quality-loss" in err and "misread" not in err
     assert not out.exists()
     resume = out.parent / f"{out.name}.resume"
@@ -79,5 +80,5 @@ def test_awq_beats_round_to_nearest_on_real_text(dense: dict[str, Any], real_tex
     assert report.ppl["awq"]["all"] < report.ppl["rtn"]["all"]
     assert report.gate.kl < report.gate.rtn_kl
     # Without the request, verify refuses the same checkpoint and says why.
-    with pytest.raises(verify.VerifyError, match="beats round-to-nearest"):
+    with pytest.raises(verify.VerifyError, match="sensitive: the checkpoint is at least as good"):
         verify.verify(out, ensure_model("smollm2"), real_text)

@@ -237,8 +237,9 @@ def test_dense_awq_linears_go_to_moegi_and_16_bit_ones_stay(monkeypatch: pytest.
 def test_dense_layers_stay_vllms_where_its_amx_kernel_is_faster(
         monkeypatch: pytest.MonkeyPatch, amx: bool, dtype: torch.dtype, force: bool,
         takes: bool) -> None:
-    """Without AMX (or in float16) moegi's int4 kernel takes a dense layer; with AMX and
-    bfloat16 vLLM's own stays, unless MOEGI_CPU_MOE=plugin asks for what non-AMX hosts get."""
+    """Without AMX (or in float16) moegi's native int4 kernel takes a dense layer; with AMX and
+    bfloat16 vLLM's own stays, unless MOEGI_CPU_MOE=plugin asks for what non-AMX hosts get. A
+    width the native kernel does not take (not whole 64-channel blocks) stays vLLM's too."""
     from vllm.model_executor.layers.quantization.auto_awq import (
         AutoAWQConfig,
         AutoAWQMarlinLinearMethod,
@@ -249,6 +250,6 @@ def test_dense_layers_stay_vllms_where_its_amx_kernel_is_faster(
     method = vllm_plugin._linear_class(force)(AutoAWQConfig(4, 128, True, False, None, {}))
     layer = torch.nn.Module()
     method.create_weights(layer, 4096, [4096, 1024, 1024], 4096, 6144, dtype)
-    assert bool(layer.moegi_int4) is takes
+    assert layer.moegi_kernel == ("native" if takes else None)
     method.create_weights(layer, 4096, [80], 4096, 80, dtype)  # not 64-channel blocks
-    assert not layer.moegi_int4
+    assert layer.moegi_kernel is None
