@@ -20,7 +20,7 @@ from typing import Any, BinaryIO
 import torch
 from safetensors import safe_open
 
-from awq.layout import from_compressed
+from awq.layout import ct_integers, dequantize, from_compressed, unpack_gemm
 from awq.registry import ArchSpec
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -94,16 +94,6 @@ class Shards:
 
     def under(self, prefix: str) -> Iterator[str]:
         return (k for k in self.where if k.startswith(prefix))
-
-
-def read_tensors(folder: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a folder's safetensors shards."""
-    out = {}
-    for shard in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(shard), "pt") as f:
-            for key in f.keys():  # noqa: SIM118
-                out[key] = f.get_tensor(key)
-    return out
 
 
 # safetensors' names for the dtypes a checkpoint holds, in the order of the library's own Dtype
@@ -257,27 +247,25 @@ def check_repack(ct_dir: Path, gemm_dir: Path, spec: ArchSpec) -> int:
     from compressed_tensors.quantization import QuantizationArgs
     from compressed_tensors.quantization.lifecycle.forward import dequantize as ct_dequantize
 
-    from awq import layout as gemm
-
     written = Shards(gemm_dir)  # one tensor at a time: the output may be larger than memory
     checked = 0
     for layer in ct_entries(ct_dir):
         if not isinstance(layer, PackedLinear):
             continue
         scale = layer.scale
-        q, z = gemm.ct_integers(layer.packed, layer.zero_point, layer.shape, scale.shape[1])
+        q, z = ct_integers(layer.packed, layer.zero_point, layer.shape, scale.shape[1])
         name = spec.original_name(layer.name)
         qweight, qzeros, scales = (written.get(f"{name}.{s}") for s in ("qweight", "qzeros",
                                                                            "scales"))
-        if not torch.equal(gemm.unpack_gemm(qweight).t(), q.to(torch.int32) + 8):
+        if not torch.equal(unpack_gemm(qweight).t(), q.to(torch.int32) + 8):
             raise RepackError(f"{name}: repacked weights differ from llm-compressor's")
-        if not torch.equal(gemm.unpack_gemm(qzeros).t(), z.to(torch.int32) + 8):
+        if not torch.equal(unpack_gemm(qzeros).t(), z.to(torch.int32) + 8):
             raise RepackError(f"{name}: repacked zero points differ from llm-compressor's")
         group = layer.shape[1] // scale.shape[1]
         args = QuantizationArgs(num_bits=4, type="int", symmetric=False, strategy="group",
                                 group_size=group)
         theirs = ct_dequantize(q.to(scale.dtype), scale, z.to(scale.dtype), args)
-        ours = gemm.dequantize((qweight, qzeros, scales)).to(scale.dtype)
+        ours = dequantize((qweight, qzeros, scales)).to(scale.dtype)
         if not torch.equal(ours, theirs):
             bad = int((ours != theirs).sum())
             raise RepackError(f"{name}: {bad} dequantized weights differ from llm-compressor's")

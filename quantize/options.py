@@ -6,7 +6,7 @@ The CLI (`cli.py`) builds `Options`, the run (`run.py`) returns `Result`, and th
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -60,3 +60,4 @@ class Result:
     gate: verify.Gate
     group_note: str | None = None
     report: checkpoint.WriteReport | None = None
+    choices: list[str] = field(default_factory=list)  # per layer, the candidate it kept (guard.py)

@@ -218,7 +218,7 @@ def _run(opts: Options, plan: preflight.Plan, resume: pipeline.Resume, work: Pat
     rss, gpu = _peaks()
     result = Result(opts.out, spec, calib, time.monotonic() - start, rss, gpu,
                     compat.device_name(), checkpoint.dir_size(stage), gate, plan.group_note,
-                    report if opts.format == "awq-gemm" else None)
+                    report if opts.format == "awq-gemm" else None, list(resume.choices))
     from quantize.card import write_card
 
     write_card(stage, opts, result)

@@ -5,13 +5,16 @@ No hub downloads: every model starts from moegi's own tokenizer (`tokenizer.py`)
 - `tiny-chat`: the default model, a 4-bit AWQ MoE made by mergekit-moe from trained experts and
   quantized by moegi (`chat.py`); `tiny-chat-moe` is its bf16 merge before quantization;
 - `tiny-text`: a language model for the quantizer's quality checks (`text.py`);
-- `tiny-llama`, `tiny-mixtral`: random weights, for tests.
+- `tiny-llama`, `tiny-mixtral`: random weights, for tests;
+- `smollm2`, `smollm2-moe`, `smollm2-moe-awq`: a real pretrained model and its merges (`real.py`);
+- `tiny-qwen2`, `tiny-qwen3`, `tiny-qwen2-moe`, `tiny-qwen3-moe`: the Qwen families (`families.py`).
 
 Everything is deterministic (fixed seeds, one sentencepiece thread) and cached under
-`$MOEGI_CACHE` (default `~/.cache/moegi`) in a folder whose name carries a fingerprint of the
-inputs (code and data, and the models it is built from), so a change rebuilds and an unchanged
-tree reuses the cache. A model that needs the quantize environment (llm-compressor, mergekit)
-is built there, in `.venv-quantize` or `$MOEGI_QUANTIZE_PYTHON`, whichever environment asks.
+`$MOEGI_CACHE` (default `~/.cache/moegi`) in a folder whose name carries a fingerprint of its
+inputs (every source file of the packages its build uses, and the models it is built from), so
+a change rebuilds and an unchanged tree reuses the cache. A model that needs the quantize
+environment (llm-compressor, mergekit) is built there, in `.venv-quantize` or
+`$MOEGI_QUANTIZE_PYTHON`, whichever environment asks.
 
     python -m tiny.build            # builds all, prints their paths
     python -m tiny.build tiny-chat  # builds one
@@ -33,12 +36,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tiny import tokenizer
 from tiny.tokenizer import build_tokenizer
 
 HERE = Path(__file__).parent
 REPO = HERE.parent
-QUANTIZE_DIR = REPO / "quantize"
 SEED = 1234
 
 
@@ -100,46 +101,75 @@ def _smollm2_moe_awq(out: Path) -> None:
     build_awq(out, ensure_model("smollm2-moe"))
 
 
+def _dense(family: str) -> Callable[[Path], None]:
+    def build(out: Path) -> None:
+        from tiny.families import random_dense
+
+        random_dense(out, family)
+
+    return build
+
+
+def _merge(name: str) -> Callable[[Path], None]:
+    def build(out: Path) -> None:
+        from tiny.families import merged
+
+        merged(out, name)
+
+    return build
+
+
 @dataclass(frozen=True)
 class Builder:
     build: Callable[[Path], None]
-    inputs: tuple[Path, ...] = ()  # files whose content the model depends on (besides these)
+    # The project packages whose sources (code and data) the model depends on: every package its
+    # build imports or runs (tests/tiny/test_fingerprint.py checks that against the imports).
+    packages: tuple[str, ...] = ("tiny", "chat_templates")
     needs: tuple[str, ...] = ()  # models it is built from (their fingerprints count)
     quantize_env: bool = False  # needs llm-compressor / mergekit
 
 
-_TRAIN = (HERE / "train.py", HERE / "instructions.json", HERE / "shapes.py")
-# The quantizer's code and data are inputs of the models it makes: a change re-quantizes them.
-_QUANTIZER = (*sorted(QUANTIZE_DIR.glob("*.py")), *sorted(QUANTIZE_DIR.glob("*.json")),
-              *sorted(QUANTIZE_DIR.glob("data/*.jsonl")))
+# A model that moegi-quantize makes depends on the quantizer, and on the AWQ layout and registry.
+_QUANTIZED = ("tiny", "chat_templates", "quantize", "awq")
+SOURCE_SUFFIXES = (".py", ".json", ".jsonl", ".yml", ".txt", ".jinja")
 BUILDERS: dict[str, Builder] = {
-    "tiny-llama": Builder(_random("llama"), (HERE / "shapes.py",)),
-    "tiny-mixtral": Builder(_random("mixtral"), (HERE / "shapes.py",)),
-    "tiny-chat-moe": Builder(_tiny_chat_moe, (*_TRAIN, HERE / "chat.py", HERE / "mergekit-moe.yml"),
-                             quantize_env=True),
-    "tiny-chat": Builder(_tiny_chat, (HERE / "chat.py", *_QUANTIZER),
-                         needs=("tiny-chat-moe",), quantize_env=True),
-    "tiny-text": Builder(_tiny_text, (HERE / "text.py", HERE / "shapes.py",
-                                      QUANTIZE_DIR / "data" / "calibration.jsonl")),
+    "tiny-llama": Builder(_random("llama")),
+    "tiny-mixtral": Builder(_random("mixtral")),
+    "tiny-chat-moe": Builder(_tiny_chat_moe, quantize_env=True),
+    "tiny-chat": Builder(_tiny_chat, _QUANTIZED, needs=("tiny-chat-moe",), quantize_env=True),
+    # Trained on the quantizer's built-in calibration text (tiny/text.py reads it).
+    "tiny-text": Builder(_tiny_text, _QUANTIZED),
     # A real pretrained model from a PyPI package, and a mergekit-moe merge of it (real.py).
     # Built in one environment (transformers' GGUF loader differs between 5.17 and 5.19: one
     # names <|im_start|> as EOS, the other <|im_end|>), so every test sees the same files.
-    "smollm2": Builder(_smollm2, (HERE / "real.py",), quantize_env=True),
-    "smollm2-moe": Builder(_smollm2_moe, (HERE / "real.py",), needs=("smollm2",),
-                           quantize_env=True),
-    "smollm2-moe-awq": Builder(_smollm2_moe_awq, (HERE / "real.py", *_QUANTIZER),
-                               needs=("smollm2-moe",), quantize_env=True),
+    "smollm2": Builder(_smollm2, quantize_env=True),
+    "smollm2-moe": Builder(_smollm2_moe, needs=("smollm2",), quantize_env=True),
+    "smollm2-moe-awq": Builder(_smollm2_moe_awq, _QUANTIZED, needs=("smollm2-moe",),
+                               quantize_env=True),
+    # The other families users bring (families.py): dense Qwen2 / Qwen3 with random weights, and
+    # the Qwen2-MoE (shared expert) and Qwen3-MoE merges mergekit-moe writes.
+    "tiny-qwen2": Builder(_dense("qwen2")),
+    "tiny-qwen3": Builder(_dense("qwen3")),
+    "tiny-qwen2-moe": Builder(_merge("tiny-qwen2-moe"), quantize_env=True),
+    "tiny-qwen3-moe": Builder(_merge("tiny-qwen3-moe"), quantize_env=True),
 }
 # Built on demand (by the tests that use them), not by `make models`.
-ON_DEMAND = ("smollm2", "smollm2-moe", "smollm2-moe-awq")
+ON_DEMAND = ("smollm2", "smollm2-moe", "smollm2-moe-awq", "tiny-qwen2", "tiny-qwen3",
+             "tiny-qwen2-moe", "tiny-qwen3-moe")
+
+
+def sources(name: str) -> list[Path]:
+    """The files a model's fingerprint covers: every source file of its packages."""
+    return sorted(f for pkg in BUILDERS[name].packages for f in (REPO / pkg).rglob("*")
+                  if f.suffix in SOURCE_SUFFIXES and "__pycache__" not in f.parts)
 
 
 def fingerprint(name: str) -> str:
-    builder = BUILDERS[name]
     h = hashlib.sha256()
-    for f in (tokenizer.CORPUS, Path(tokenizer.__file__), Path(__file__), *builder.inputs):
+    for f in sources(name):
+        h.update(str(f.relative_to(REPO)).encode())
         h.update(f.read_bytes())
-    for dep in builder.needs:
+    for dep in BUILDERS[name].needs:
         h.update(fingerprint(dep).encode())
     return h.hexdigest()[:12]
 

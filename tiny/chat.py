@@ -36,7 +36,7 @@ EXPERT_DATA: dict[str, tuple[str | None, tuple[str, ...]]] = {
 }
 
 
-def _script(name: str) -> str:
+def script(name: str) -> str:
     """A console script of the running environment (mergekit-moe), else from PATH."""
     here = Path(sys.executable).parent / name
     found = str(here) if here.exists() else shutil.which(name)
@@ -64,7 +64,7 @@ def build_merged(out: Path) -> None:
             language, templates = EXPERT_DATA[name]
             train_expert(work / name, work / "tokenizer", language, templates, seed=SEED + i)
         shutil.copy(MERGE_CONFIG, work / MERGE_CONFIG.name)
-        subprocess.run([_script("mergekit-moe"), MERGE_CONFIG.name, "merged",
+        subprocess.run([script("mergekit-moe"), MERGE_CONFIG.name, "merged",
                         "--random-seed", str(SEED), "--quiet"], cwd=work, check=True)
         tune_moe(work / "merged", out)
     shutil.copy(MERGE_CONFIG, out / MERGE_CONFIG.name)  # provenance travels with the model

@@ -120,10 +120,10 @@ def build_smollm2_moe(out: Path, base: Path) -> None:
                             .replace("EXPERT1", str(experts[1])))
         cfg = Path(tmp) / "merge.yml"
         cfg.write_text(yaml.safe_dump(config, allow_unicode=True))
-        from tiny.chat import _script
+        from tiny.chat import script
 
         # mergekit writes into an empty folder of its own; `out` is the build folder.
-        subprocess.run([_script("mergekit-moe"), str(cfg), str(Path(tmp) / "merged"),
+        subprocess.run([script("mergekit-moe"), str(cfg), str(Path(tmp) / "merged"),
                         "--random-seed", "1234", "--quiet"], check=True, stdout=sys.stderr,
                        env={**os.environ, "HF_HUB_OFFLINE": "1"})
         for f in (Path(tmp) / "merged").iterdir():

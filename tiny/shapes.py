@@ -26,6 +26,20 @@ EXPERTS = 4
 EXPERTS_PER_TOKEN = 2
 
 
+# Dense families the factory builds, by their transformers config class: each is the tiny shape
+# above in that family's layout (Qwen2: q/k/v biases; Qwen3: per-head q/k norms).
+DENSE = {"llama": "LlamaConfig", "qwen2": "Qwen2Config", "qwen3": "Qwen3Config"}
+
+
+def dense_config(family: str, vocab_size: int, **overrides: Any) -> Any:
+    import transformers
+
+    config_class = getattr(transformers, DENSE[family])
+    extra = {"head_dim": COMMON["hidden_size"] // COMMON["num_attention_heads"]} \
+        if family == "qwen3" else {}
+    return config_class(vocab_size=vocab_size, **{**COMMON, **extra, **overrides})
+
+
 def llama_config(vocab_size: int, **overrides: Any) -> Any:
     from transformers import LlamaConfig
 

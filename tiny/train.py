@@ -90,34 +90,54 @@ def fit(model: Any, tok: Any, seqs: list[list[int]], steps: int, lr: float, labe
 
 
 def train_expert(out: Path, tokenizer_dir: Path, language: str | None,
-                 templates: Sequence[str], seed: int, steps: int = 200) -> None:
-    """A dense bf16 Llama trained from scratch on one part of the pairs, saved into `out`."""
+                 templates: Sequence[str], seed: int, steps: int = 200,
+                 family: str = "llama") -> None:
+    """A dense bf16 model (a Llama, or another family of `shapes.DENSE`) trained from scratch on
+    one part of the pairs, saved into `out`."""
     import torch
-    from transformers import AutoTokenizer, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tiny.shapes import llama_config
+    from tiny.shapes import dense_config
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     random.seed(seed)
     torch.manual_seed(seed)
-    model: Any = LlamaForCausalLM(llama_config(len(tok)))  # type: ignore[no-untyped-call]
+    model: Any = AutoModelForCausalLM.from_config(dense_config(family, len(tok)))
     fit(model, tok, sequences(tok, pairs_in(language), templates), steps, 3e-3, out.name)
     model.to(torch.bfloat16).save_pretrained(out)
     tok.save_pretrained(out)
 
 
-def tune_moe(merged: Path, out: Path, steps: int = 300) -> None:
+def finetune_mlp(base: Path, out: Path, language: str | None, templates: Sequence[str],
+                 seed: int, steps: int = 60) -> None:
+    """A fine-tune of `base` on one part of the pairs, its MLPs alone trained: the experts users
+    merge are fine-tunes of one base, which share its attention and embeddings."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(base)
+    torch.manual_seed(seed)
+    model: Any = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    for name, param in model.named_parameters():
+        param.requires_grad = ".mlp." in name
+    fit(model, tok, sequences(tok, pairs_in(language), templates), steps, 1e-3, out.name)
+    model.to(torch.bfloat16).save_pretrained(out)
+    tok.save_pretrained(out)
+
+
+def tune_moe(merged: Path, out: Path, steps: int = 300, label: str = "tiny-chat (merged)") -> None:
     """Instruction-tune a mergekit-moe merge on all pairs (its random router included).
 
     As Swallow-MoE-4x7B-lisa was tuned after its `gate_mode: random` merge (its model card), without
-    LISA's layer sampling: the model is small enough to tune whole.
+    LISA's layer sampling: the model is small enough to tune whole. Any MoE family transformers
+    loads (Mixtral, Qwen2-MoE, Qwen3-MoE).
     """
     import torch
-    from transformers import AutoTokenizer, MixtralForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(merged)
     torch.manual_seed(SEED)
-    model: Any = MixtralForCausalLM.from_pretrained(merged, dtype=torch.float32)
-    fit(model, tok, sequences(tok), steps, 2e-3, "tiny-chat (merged)")
+    model: Any = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)
+    fit(model, tok, sequences(tok), steps, 2e-3, label)
     model.to(torch.bfloat16).save_pretrained(out)
     tok.save_pretrained(out)

@@ -170,11 +170,6 @@ class CPUExperts:
         self.w2_sz = torch.stack([to_scales_and_zeros(w2_scales[e], w2_qzeros[e])
                                   for e in range(experts)])
 
-    def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
-                weight_on_input: bool = False) -> torch.Tensor:
-        return run_experts(x, topk_weights, topk_ids, self.w13, self.w13_sz, self.w2,
-                           self.w2_sz, weight_on_input)
-
 
 def run_experts(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
                 w13: torch.Tensor, w13_sz: torch.Tensor, w2: torch.Tensor, w2_sz: torch.Tensor,

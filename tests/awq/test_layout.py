@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from awq import layout as gemm
+from awq import layout
 
 
 def autoawq_pack(intweight: torch.Tensor) -> torch.Tensor:
@@ -19,17 +19,17 @@ def autoawq_pack(intweight: torch.Tensor) -> torch.Tensor:
 
 def test_pack_matches_autoawq_and_round_trips() -> None:
     values = torch.randint(0, 16, (16, 64), generator=torch.Generator().manual_seed(0))
-    packed = gemm.pack_gemm(values)
+    packed = layout.pack_gemm(values)
     assert packed.dtype == torch.int32 and packed.shape == (16, 8)
     assert torch.equal(packed, autoawq_pack(values))
-    assert torch.equal(gemm.unpack_gemm(packed), values.to(torch.int32))
+    assert torch.equal(layout.unpack_gemm(packed), values.to(torch.int32))
 
 
 def test_pack_rejects_bad_shapes_and_ranges() -> None:
     with pytest.raises(ValueError, match="multiple of 8"):
-        gemm.pack_gemm(torch.zeros(2, 12, dtype=torch.int32))
+        layout.pack_gemm(torch.zeros(2, 12, dtype=torch.int32))
     with pytest.raises(ValueError, match=r"0\.\.15"):
-        gemm.pack_gemm(torch.full((2, 8), 16))
+        layout.pack_gemm(torch.full((2, 8), 16))
 
 
 def test_dequantize_formula() -> None:
@@ -37,6 +37,6 @@ def test_dequantize_formula() -> None:
     q = torch.randint(0, 16, (8, 8), generator=torch.Generator().manual_seed(1))
     z = torch.tensor([[3] * 8, [12] * 8])
     s = torch.tensor([[0.5] * 8, [0.25] * 8], dtype=torch.float16)
-    w = gemm.dequantize((gemm.pack_gemm(q), gemm.pack_gemm(z), s))
+    w = layout.dequantize((layout.pack_gemm(q), layout.pack_gemm(z), s))
     expect = torch.cat([(q[:4] - 3) * 0.5, (q[4:] - 12) * 0.25]).t()
     assert torch.equal(w, expect.float())

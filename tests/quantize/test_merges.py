@@ -21,9 +21,9 @@ import torch
 from safetensors.torch import save_file
 
 from quantize import verify
-from quantize.checkpoint import read_tensors
 from quantize.cli import main as cli
 from quantize.layerwise import LayerwiseLM
+from tests.quantize.conftest import read_tensors
 from tiny.build import ensure_model
 
 MERGE = """base_model: ./e0

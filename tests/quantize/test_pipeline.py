@@ -12,9 +12,9 @@ import torch
 from awq.layout import unpack_gemm
 from awq.registry import lookup
 from quantize import card, checkpoint, verify
-from quantize.checkpoint import read_tensors
 from quantize.cli import main as cli
 from quantize.run import Options, QuantizeError, quantize
+from tests.quantize.conftest import read_tensors
 from tiny.build import ensure_model
 
 AWQ_CONFIG = {"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True,
@@ -163,3 +163,25 @@ def test_verify_awq_beats_round_to_nearest(tmp_path: Path, capsys: Any) -> None:
     assert report.kl <= verify.MAX_MEAN_KL and report.top1 >= verify.MIN_TOP1
     assert report.recovered() > 0.3
     assert cli(["verify", str(out), "--original", "tiny-text"]) == 0
+
+
+def test_round_to_nearest_publishes_and_is_the_gates_own_reference(tmp_path: Path) -> None:
+    """The gate's round-to-nearest is what `--method rtn` writes, tensor for tensor (the same
+    observer, compressed-tensors' rounding, float16 scales), so moegi's own round-to-nearest is
+    judged equal to it and published; on a MoE merge (fused experts), every layer."""
+    from quantize.checkpoint import Shards
+    from quantize.layerwise import LayerwiseLM, layer_tensors, module_state
+
+    source = ensure_model("tiny-chat-moe")
+    out = tmp_path / "rtn"
+    assert cli([str(source), str(out), "--method", "rtn"]) == 0
+    transform = verify.rtn_transform(128, source)
+    ours, theirs = LayerwiseLM(out), LayerwiseLM(source, transform=transform)
+    for i in range(ours.config.num_hidden_layers):
+        written = module_state(layer_tensors(Shards(out), i), ours.spec.experts, ours.experts)
+        reference = module_state(layer_tensors(Shards(source), i, transform=transform),
+                                 theirs.spec.experts, theirs.experts)
+        assert written.keys() == reference.keys()
+        assert all(torch.equal(written[k], reference[k]) for k in written), i
+    gate = json.loads((out / "moegi-quantize.json").read_text())["gate"]
+    assert gate["kl"] == pytest.approx(gate["rtn_kl"], rel=verify.EQUAL)

@@ -66,7 +66,7 @@ def test_a_sensitive_model_is_refused_then_published_on_request(
     assert "PUBLISHED PAST THE QUALITY LIMIT" in captured.out
     assert not resume.exists()
     card = (out / "README.md").read_text()
-    assert "Past moegi's quality limit, published on request" in card and "| Group size | 64 |" in card
+    assert "Published on request (`--accept-quality-loss`)" in card and "| Group size | 64 |" in card
     assert json.loads((out / "config.json").read_text())["quantization_config"]["group_size"] == 64
 
 

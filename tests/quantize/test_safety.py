@@ -23,6 +23,7 @@ from quantize import checkpoint, run
 from quantize.cli import main as cli
 from quantize.preflight import QuantizeError
 from quantize.run import Options, quantize
+from tests.quantize.conftest import read_tensors
 from tiny.build import ensure_model
 
 REPO = Path(__file__).resolve().parents[2]
@@ -134,7 +135,7 @@ def test_a_checkpoint_far_from_the_original_is_not_published(tmp_path: Path,
 
     def broken(ct_dir: Path, out: Path, *args: Any, **kw: Any) -> Any:
         report = real(ct_dir, out, *args, **kw)
-        tensors = checkpoint.read_tensors(out)
+        tensors = read_tensors(out)
         for key in tensors:
             if key.endswith(".scales") and ".layers.0." in key:
                 tensors[key] = tensors[key] * 8  # a repacker bug, a misplaced tensor...
@@ -172,7 +173,7 @@ def test_a_killed_run_resumes_where_it_stopped(tmp_path: Path) -> None:
     assert "resuming at layer" in again.stdout
     assert not (tmp_path / "out.resume").exists()  # done: the resume state is gone
     assert not list(tmp_path.glob(".out.partial-*"))  # and so is the killed run's work folder
-    a, b = checkpoint.read_tensors(straight), checkpoint.read_tensors(out)
+    a, b = read_tensors(straight), read_tensors(out)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 

@@ -13,7 +13,8 @@ import torch
 from safetensors.torch import save_file
 
 from quantize import calibration
-from quantize.checkpoint import ShardWriter, read_tensors
+from quantize.checkpoint import ShardWriter
+from tests.quantize.conftest import read_tensors
 
 
 def test_builtin_calibration_is_japanese_and_english() -> None:

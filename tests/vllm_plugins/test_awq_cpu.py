@@ -12,8 +12,7 @@ import pytest
 import torch
 
 from awq.layout import AWQ_ORDER, pack_gemm
-from vllm_plugins import awq_cpu as vllm_plugin
-from vllm_plugins import int4_cpu
+from vllm_plugins import awq_cpu, int4_cpu
 
 
 def _params(fn: object) -> list[str]:
@@ -28,9 +27,9 @@ def test_the_vllm_internals_the_plugin_relies_on() -> None:
     from vllm.model_executor.layers.quantization import auto_awq
     from vllm.model_executor.layers.quantization.utils import quant_utils
 
-    assert vllm.__version__ in vllm_plugin.TESTED_VLLM, (
+    assert vllm.__version__ in awq_cpu.TESTED_VLLM, (
         f"vLLM {vllm.__version__} is not one the plugin was checked against: "
-        f"{vllm_plugin.TESTED_VLLM}")
+        f"{awq_cpu.TESTED_VLLM}")
     get_quant_method = getattr(auto_awq.AutoAWQConfig.get_quant_method, "_moegi_original",
                                auto_awq.AutoAWQConfig.get_quant_method)
     assert _params(get_quant_method) == ["self", "layer", "prefix"]
@@ -91,10 +90,10 @@ def test_the_vllm_internals_the_plugin_relies_on() -> None:
 def test_register_hooks_once_and_only_on_cpu() -> None:
     from vllm.model_executor.layers.quantization.auto_awq import AutoAWQConfig
 
-    vllm_plugin.register()
+    awq_cpu.register()
     hooked = AutoAWQConfig.get_quant_method
     assert getattr(hooked, "_moegi_hook", False)
-    vllm_plugin.register()  # vLLM calls plugins in every process, sometimes twice
+    awq_cpu.register()  # vLLM calls plugins in every process, sometimes twice
     assert AutoAWQConfig.get_quant_method is hooked
     # The expert computation is a custom op the compiled model calls.
     assert hasattr(torch.ops.moegi, "awq_moe_cpu")
@@ -113,8 +112,8 @@ def test_register_hooks_once_and_only_on_cpu() -> None:
 ])
 def test_unsupported_checkpoints_and_splits_are_refused_before_loading(
         args: tuple[Any, ...], message: str) -> None:
-    with pytest.raises(vllm_plugin.UnsupportedLayer) as err:
-        vllm_plugin.check_layer(*args)
+    with pytest.raises(awq_cpu.UnsupportedLayer) as err:
+        awq_cpu.check_layer(*args)
     assert message in str(err.value)
 
 
@@ -122,7 +121,7 @@ def test_unsupported_checkpoints_and_splits_are_refused_before_loading(
     (128, "GEMM", 4096, 11008, 2, False), (64, "gemm", 576, 1536, 1, False),
     (32, "gemm", 5120, 13824, 2, False), (256, "gemm", 4096, 14336, 1, False)])
 def test_supported_shapes_pass(args: tuple[Any, ...]) -> None:
-    vllm_plugin.check_layer(*args)
+    awq_cpu.check_layer(*args)
 
 
 def test_the_plugin_stands_aside_where_vllm_has_a_backend(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -138,8 +137,8 @@ def test_the_plugin_stands_aside_where_vllm_has_a_backend(monkeypatch: pytest.Mo
         return "vllm's method"
 
     monkeypatch.setattr(AutoAWQConfig, "get_quant_method", vllms_own)  # as before any hook
-    monkeypatch.setattr(vllm_plugin, "vllm_has_backend", lambda config, moe: True)
-    vllm_plugin.register()
+    monkeypatch.setattr(awq_cpu, "vllm_has_backend", lambda config, moe: True)
+    awq_cpu.register()
     assert getattr(AutoAWQConfig.get_quant_method, "_moegi_hook", False)
     layer = object.__new__(RoutedExperts)
     object.__setattr__(layer, "moe_config", None)  # read only by the (faked) oracle
@@ -158,18 +157,18 @@ def test_moegi_cpu_moe_plugin_takes_the_layer_even_beside_a_backend(
     from vllm.model_executor.layers.quantization.auto_awq import AutoAWQConfig
 
     monkeypatch.setattr(AutoAWQConfig, "get_quant_method", lambda self, layer, prefix: "vllm's")
-    monkeypatch.setattr(vllm_plugin, "vllm_has_backend", lambda config, moe: True)
-    monkeypatch.setattr(vllm_plugin, "_method_class", lambda: lambda config, moe: "moegi's")
-    monkeypatch.setenv(vllm_plugin.CPU_MOE_ENV, "plugin")
-    vllm_plugin.register()
+    monkeypatch.setattr(awq_cpu, "vllm_has_backend", lambda config, moe: True)
+    monkeypatch.setattr(awq_cpu, "_method_class", lambda: lambda config, moe: "moegi's")
+    monkeypatch.setenv(awq_cpu.CPU_MOE_ENV, "plugin")
+    awq_cpu.register()
     layer = object.__new__(RoutedExperts)
     object.__setattr__(layer, "moe_config", None)
     config = AutoAWQConfig(4, 128, True, False, ["gate"], {"version": "gemm"})
     method: object = AutoAWQConfig.get_quant_method(config, layer, "model.layers.0.mlp.experts")
     assert method == "moegi's"
-    monkeypatch.setenv(vllm_plugin.CPU_MOE_ENV, "always")
+    monkeypatch.setenv(awq_cpu.CPU_MOE_ENV, "always")
     with pytest.raises(ValueError, match="MOEGI_CPU_MOE='always': use one of auto, plugin"):
-        vllm_plugin.forced()
+        awq_cpu.forced()
 
 
 def test_the_plugin_does_nothing_off_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -180,7 +179,7 @@ def test_the_plugin_does_nothing_off_cpu(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setattr(AutoAWQConfig, "get_quant_method",
                         getattr(before, "_moegi_original", before))
     monkeypatch.setattr(type(current_platform), "is_cpu", lambda self: False)
-    vllm_plugin.register()
+    awq_cpu.register()
     assert not getattr(AutoAWQConfig.get_quant_method, "_moegi_hook", False)
 
 
@@ -198,7 +197,7 @@ def test_dense_linear_matches_dequantize_then_matmul(rows: int) -> None:
            * s.float()[:, None]).view(k, n)
     bias = torch.randn(n, generator=gen)
     x = torch.randn(1, rows, k, generator=gen).to(torch.bfloat16)
-    out = vllm_plugin.awq_linear(x, w, sz, bias)
+    out = awq_cpu.awq_linear(x, w, sz, bias)
     assert out.shape == (1, rows, n) and out.dtype == torch.bfloat16
     expected = x.float() @ ref + bias
     assert float((out.float() - expected).norm() / expected.norm()) < 1e-2
@@ -217,7 +216,7 @@ def test_dense_awq_linears_go_to_moegi_and_16_bit_ones_stay(monkeypatch: pytest.
     answers = {"model.layers.0.self_attn.qkv_proj": vllms, "model.layers.0.gate": "16-bit"}
     monkeypatch.setattr(AutoAWQConfig, "get_quant_method",
                         lambda self, layer, prefix: answers[prefix])
-    vllm_plugin.register()
+    awq_cpu.register()
     linear = AutoAWQConfig.get_quant_method(config, torch.nn.Linear(2, 2),
                                             "model.layers.0.self_attn.qkv_proj")
     assert isinstance(linear, AutoAWQMarlinLinearMethod) and type(linear) is not \
@@ -247,7 +246,7 @@ def test_dense_layers_stay_vllms_where_its_amx_kernel_is_faster(
 
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
     monkeypatch.setattr(AutoAWQMarlinLinearMethod, "create_weights", lambda *a, **k: None)
-    method = vllm_plugin._linear_class(force)(AutoAWQConfig(4, 128, True, False, None, {}))
+    method = awq_cpu._linear_class(force)(AutoAWQConfig(4, 128, True, False, None, {}))
     layer = torch.nn.Module()
     method.create_weights(layer, 4096, [4096, 1024, 1024], 4096, 6144, dtype)
     assert layer.moegi_kernel == ("native" if takes else None)

@@ -56,6 +56,13 @@ def _reference(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
     return out
 
 
+def run(experts: int4_cpu.CPUExperts, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
+        weight_on_input: bool = False) -> torch.Tensor:
+    """One MoE layer through the pure-torch experts, as the plugin's op calls them."""
+    return int4_cpu.run_experts(x, weights, ids, experts.w13, experts.w13_sz, experts.w2,
+                                experts.w2_sz, weight_on_input)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_experts_match_dequantize_then_matmul(dtype: torch.dtype) -> None:
     experts, w13, w2 = _experts(4, dtype)
@@ -64,7 +71,7 @@ def test_experts_match_dequantize_then_matmul(dtype: torch.dtype) -> None:
     # Experts 2 and 3 receive no token at all; expert 0 and 1 receive several.
     ids = torch.tensor([[0, 1], [1, 0], [0, 1], [1, 0], [0, 1], [0, 1], [1, 0]])
     weights = torch.rand(7, 2, generator=gen).softmax(-1)
-    out = experts.forward(x, weights, ids)
+    out = run(experts, x, weights, ids)
     ref = _reference(x, weights, ids, w13, w2, dtype)
     assert out.dtype == dtype and out.shape == (7, HIDDEN)
     # The kernel computes in the activation dtype; the error is that dtype's rounding.
@@ -79,7 +86,7 @@ def test_every_expert_and_a_single_token() -> None:
         x = torch.randn(ids.shape[0], HIDDEN, generator=gen).to(torch.bfloat16)
         weights = torch.rand(ids.shape, generator=gen).softmax(-1)
         ref = _reference(x, weights, ids, w13, w2, torch.bfloat16)
-        out = experts.forward(x, weights, ids).float()
+        out = run(experts, x, weights, ids).float()
         assert torch.allclose(out, ref, atol=0.02 * float(ref.abs().max()), rtol=0.02)
 
 
@@ -88,7 +95,7 @@ def test_router_weight_on_input() -> None:
     x = torch.randn(3, HIDDEN).to(torch.bfloat16)
     ids = torch.tensor([[1], [0], [1]])
     weights = torch.tensor([[0.5], [2.0], [1.0]])
-    out = experts.forward(x, weights, ids, weight_on_input=True).float()
+    out = run(experts, x, weights, ids, weight_on_input=True).float()
     scaled = (x.float() * weights).to(torch.bfloat16)
     ref = _reference(scaled, torch.ones(3, 1), ids, w13, w2, torch.bfloat16)
     assert torch.allclose(out, ref, atol=0.03 * float(ref.abs().max()), rtol=0.03)
@@ -130,7 +137,7 @@ def test_one_expert_at_real_shapes(hidden: int, inter: int, group: int) -> None:
     experts = CPUExperts(w13[0][None], w13[2][None].to(torch.bfloat16), w13[1][None],
                          w2[0][None], w2[2][None].to(torch.bfloat16), w2[1][None])
     x = torch.randn(3, hidden, generator=gen).to(torch.bfloat16)
-    out = experts.forward(x, torch.ones(3, 1), torch.zeros(3, 1, dtype=torch.int64)).float()
+    out = run(experts, x, torch.ones(3, 1), torch.zeros(3, 1, dtype=torch.int64)).float()
     a13 = dequantize((w13[0], w13[1], w13[2].to(torch.bfloat16).float()))  # [2I, H]
     h = x.float() @ a13.t()
     del a13
@@ -163,9 +170,9 @@ def test_tensor_parallel_shards_sum_to_the_unsplit_experts() -> None:
 
     x = torch.randn(5, hidden, generator=gen).to(torch.bfloat16)
     ids, weights = torch.zeros(5, 1, dtype=torch.int64), torch.ones(5, 1)
-    whole = layer(torch.arange(inter)).forward(x, weights, ids).float()
+    whole = run(layer(torch.arange(inter)), x, weights, ids).float()
     share = inter // ranks
-    parts = sum(layer(torch.arange(r * share, (r + 1) * share)).forward(x, weights, ids).float()
+    parts = sum(run(layer(torch.arange(r * share, (r + 1) * share)), x, weights, ids).float()
                 for r in range(ranks))
     assert torch.allclose(parts, whole, atol=0.02 * float(whole.abs().max()))
     awq_cpu.check_layer(group, "gemm", hidden, inter, ranks, False)  # and it is allowed
