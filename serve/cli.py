@@ -10,7 +10,6 @@ process with exit code 1; SIGTERM drains (lifecycle.py) and ends it with 0.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import sys
@@ -120,60 +119,12 @@ def main(argv: list[str] | None = None) -> None:
         settings.served_model_name = settings.served_model_name or DEFAULT_MODEL
     try:
         check_before_load(settings)
-        _check_platform(settings)
-        _cpu_dtype(settings)
+        from serve import vllm_engine
+
+        vllm_engine.prepare(settings)
     except ValueError as exc:
         raise SystemExit(f"moegi-serve: {exc}") from None
     sys.exit(_run(_serve(settings)))
-
-
-def _check_platform(settings: Settings) -> None:
-    """What vLLM's platform decides about a split, settled before vLLM starts: Ray needs a
-    platform that supports it, and several CPU ranks need their own cores (serve/parallel.py)."""
-    if settings.distributed_executor_backend != "ray" and (
-            settings.tensor_parallel_size, settings.pipeline_parallel_size) == (1, 1):
-        return
-    from vllm.platforms import current_platform
-
-    from serve.parallel import THREADS_BIND, bind_cpu_threads
-
-    if settings.distributed_executor_backend == "ray" and not current_platform.ray_device_key:
-        # vLLM raises this only once its engine core has started and joined the Ray cluster.
-        raise ValueError(f"--distributed-executor-backend ray: vLLM's {current_platform.device_name} "
-                         "platform does not run on Ray (vLLM raises 'does not support ray'); use "
-                         "--distributed-executor-backend mp on one machine, or Ray on GPU hosts")
-    if current_platform.is_cpu() and settings.pipeline_parallel_size > 1 and settings.enforce_eager:
-        # vllm/v1/worker/cpu_model_runner.py: `warming_up_model` returns early in eager mode, and
-        # it is what allocates a later stage's intermediate-tensor buffer: the first request then
-        # kills the engine (AssertionError in sync_and_gather_intermediate_tensors).
-        raise ValueError("--pipeline-parallel-size with --enforce-eager: vLLM's CPU workers "
-                         "(0.32) set up the later stages' buffers only when they compile, and the "
-                         "first request would kill the engine; leave --enforce-eager out")
-    if current_platform.is_cpu() and (bound := bind_cpu_threads(
-            settings.tensor_parallel_size, settings.pipeline_parallel_size)):
-        log.info("CPU ranks bound to cores %s (%s; set it yourself to choose)", bound,
-                 THREADS_BIND)
-
-
-def _cpu_dtype(settings: Settings) -> None:
-    """On a CPU, `--dtype auto` serves a float16 checkpoint (every AutoAWQ one) in bfloat16.
-
-    vLLM would keep float16, which x86 CPUs compute slowly: its CPU AWQ kernel then takes its
-    generic path instead of AMX, and moegi's int4 kernels are vectorized for bfloat16 only.
-    Measured by `make bench-moe` (4x7B layer shape, 4-bit against bf16): decode at batch 1 went
-    from 1.31x to 2.58x and prefill of 2,048 tokens from 0.24x to 0.63x on vLLM's AMX path, and
-    from 1.09x to 1.95x and 0.25x to 0.87x on moegi's plugin. `--dtype float16` keeps float16."""
-    config = Path(settings.model or "") / "config.json"
-    if settings.dtype != "auto" or not config.is_file():
-        return
-    cfg = json.loads(config.read_text())
-    if (cfg.get("torch_dtype") or cfg.get("dtype")) != "float16":
-        return
-    from vllm.platforms import current_platform
-
-    if current_platform.is_cpu():
-        settings.dtype = "bfloat16"
-        log.info("float16 checkpoint served in bfloat16 on this CPU (--dtype float16 to keep it)")
 
 
 def _run(main_coroutine: Coroutine[Any, Any, int]) -> int:

@@ -206,21 +206,6 @@ def check_before_load(settings: Settings) -> None:
     if settings.model and (Path(settings.model).expanduser() / "config.json").is_file():
         check_split(Path(settings.model).expanduser(), settings.tensor_parallel_size,
                     settings.pipeline_parallel_size)
-    known = _engine_arg_names()
-    unknown = sorted(set(settings.vllm_args()) - known) if known else []
-    if unknown:
-        raise ValueError(f"unknown vLLM engine option(s) {', '.join(unknown)}: see vLLM's "
-                         "AsyncEngineArgs for the names --engine-args takes")
-
-
-def _engine_arg_names() -> set[str]:
-    try:
-        import dataclasses
-
-        from vllm.engine.arg_utils import AsyncEngineArgs
-    except ImportError:  # the quantize environment has no vLLM; nothing to check against
-        return set()
-    return {f.name for f in dataclasses.fields(AsyncEngineArgs)}
 
 
 def parse(argv: list[str] | None = None) -> Settings:

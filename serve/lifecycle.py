@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from serve.config import default
 from serve.engine import Engine, EngineDeadError, EngineStep, SamplingSpec
 
 log = logging.getLogger(__name__)
@@ -30,7 +31,7 @@ log = logging.getLogger(__name__)
 class Liveness:
     """Requests in flight, and the last time the engine was seen computing tokens."""
 
-    stall_s: float = 60.0
+    stall_s: float = field(default_factory=lambda: default("engine_stall_s"))
     in_flight: int = 0
     last_progress: float = field(default_factory=time.monotonic)
     _seen: float = -1.0

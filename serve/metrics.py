@@ -126,7 +126,7 @@ class MetricsMiddleware:
         finally:
             if streaming:
                 ACTIVE_STREAMS.labels(route, model).dec()
-            # Disconnects are counted in app.py, where they are seen (499, a stream cut short).
+            # Disconnects are counted in transport.py, where they are seen (499, a stream cut short).
             if 400 <= status != 499:
                 ERRORS.labels(route, model, error_type(status)).inc()
             REQUESTS.labels(route, model, str(status)).inc()

@@ -52,7 +52,7 @@ def check_split(model_dir: Path, tensor_parallel: int, pipeline_parallel: int) -
             fits = tensor_parallel_fits(list(row.values()), group, tensor_parallel)
             raise ValueError(
                 f"--tensor-parallel-size {tensor_parallel} gives each rank "
-                f"{width / tensor_parallel:g} of the {width} input channels of the {name}, not "
+                f"{width / tensor_parallel:g} of the {width} input channels of {name}, not "
                 f"whole AWQ groups of {group}: use --tensor-parallel-size "
                 f"{' or '.join(map(str, fits))}, --pipeline-parallel-size {tensor_parallel} "
                 "(splits by layers, any group size), or quantize with a smaller --group-size")

@@ -4,7 +4,7 @@ Requests are pydantic models (so `/docs` is the API reference and bad input is a
 OpenAI envelope, see errors.py). Every value is checked here against the range the engine
 accepts (seeds in int64, text without lone surrogates, ...) so that no client input reaches the
 engine in a form it would fail on; the checks that need the tokenizer or the server's limits
-are in `serving.check_request`. Responses are built as plain dicts in `serving_*.py`.
+are in `model.check_request`. Responses are built as plain dicts in `serving_*.py`.
 """
 
 from __future__ import annotations

@@ -66,12 +66,18 @@ def test_engine_args_and_passthrough() -> None:
     (["--chat-template", "vicuna"], "alpaca-ja"),
     (["--chat-template", "/no/such.jinja"], "does not exist"),
     (["--preset", "nope"], "shisa-7b-v1"),
-    (["--engine-args", "no_such_option=1"], "no_such_option"),
     (["--model", "/no/such/model"], "config.json"),
 ])
 def test_checked_before_the_model_loads(args: list[str], needle: str) -> None:
     with pytest.raises(ValueError, match=needle):
         check_before_load(parse(args))
+
+
+def test_unknown_engine_options_are_refused_before_vllm_starts() -> None:
+    from serve.vllm_engine import prepare
+
+    with pytest.raises(ValueError, match="unknown vLLM engine option.*no_such_option"):
+        prepare(parse(["--engine-args", "no_such_option=1"]))
 
 
 def test_limits_view() -> None:
@@ -90,7 +96,7 @@ def test_a_float16_checkpoint_is_served_in_bfloat16_on_cpus(
         served: str) -> None:
     from vllm.platforms import current_platform
 
-    from serve.cli import _cpu_dtype
+    from serve.vllm_engine import _cpu_dtype
 
     (tmp_path / "config.json").write_text(json.dumps({"torch_dtype": saved}))
     monkeypatch.setattr(type(current_platform), "is_cpu", lambda self: cpu)
