@@ -18,8 +18,15 @@ import re
 from pathlib import Path
 
 _MARKERS = re.compile(r"turn markers.*?:\s*(?=\[)", re.DOTALL)
+# Kana or CJK ideographs: how moegi tells Japanese text from English (the quantizer's per-language
+# perplexity, the tiny models' per-language experts).
+_JAPANESE = re.compile(r"[\u3040-\u30ff\u4e00-\u9fff]")
 
 DIR = Path(__file__).parent
+
+
+def is_japanese(text: str) -> bool:
+    return bool(_JAPANESE.search(text))
 
 
 def names() -> list[str]:

@@ -23,7 +23,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -31,6 +30,8 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+
+from bench.common import free_port
 
 HERE = Path(__file__).parent
 REPO = HERE.parent
@@ -43,16 +44,10 @@ def clients_python() -> Path:
     return Path(os.environ.get("MOEGI_CLIENTS_PYTHON", REPO / ".venv-clients" / "bin" / "python"))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @contextlib.contextmanager
 def served(model: Path, name: str, extra: list[str], log: Path) -> Iterator[str]:
     """moegi on `model`, healthy; yields its base URL and stops it afterwards."""
-    port = _free_port()
+    port = free_port()
     cmd = [sys.executable, "-m", "serve", "--model", str(model), "--served-model-name", name,
            "--port", str(port), *extra]
     proc = subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT,

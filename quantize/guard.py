@@ -75,6 +75,11 @@ def load(model: torch.nn.Module, saved: State) -> None:
         update_offload_parameter(model.get_submodule(module), leaf, tensor)
 
 
+def weight_args(module: Any) -> Any:
+    """The weights' `QuantizationArgs` compressed-tensors attached to a linear."""
+    return module.quantization_scheme.weights
+
+
 def quantized_linears(modules: list[torch.nn.Module]) -> list[torch.nn.Module]:
     from compressed_tensors.quantization.utils import is_module_quantized
 
@@ -88,7 +93,7 @@ def minmax_ranges(modules: list[torch.nn.Module]) -> None:
     from llmcompressor.observers import Observer
 
     observers = [Observer.load_from_registry("memoryless_minmax", base_name="weight",
-                                             args=m.quantization_scheme.weights) for m in modules]
+                                             args=weight_args(m)) for m in modules]
     with patch_attrs(modules, "weight_observer", observers):
         observe(modules, "weight")
         update_qparams(modules, "weight")
@@ -104,7 +109,7 @@ def fake_quantized(modules: list[torch.nn.Module]) -> Iterator[None]:
     for m in modules:
         originals.append(m.weight.data)
         m.weight.data = forward_quantize(m, m.weight.data, "weight",
-                                         m.quantization_scheme.weights).to(m.weight.dtype)
+                                         weight_args(m)).to(m.weight.dtype)
     try:
         yield
     finally:
@@ -168,11 +173,12 @@ def gptq_rounding(linears: list[torch.nn.Module], hess: dict[torch.nn.Module, to
     from llmcompressor.modifiers.gptq.gptq_quantize import quantize_weight
 
     for m in linears:
+        weight, scale, zero = (getattr(m, n).data for n in ("weight", "weight_scale",
+                                                            "weight_zero_point"))
         # quantize_weight works in its Hessian's memory: a copy, as each is used more than once.
-        w, _, _ = quantize_weight(m.weight.data[None].float(), hess[m][None].clone(),
-                                  m.weight_scale.data[None], m.weight_zero_point.data[None], None,
-                                  m.quantization_scheme.weights)
-        update_offload_parameter(m, "weight", w[0].to(m.weight.dtype))
+        w, _, _ = quantize_weight(weight[None].float(), hess[m][None].clone(), scale[None],
+                                  zero[None], None, weight_args(m))
+        update_offload_parameter(m, "weight", w[0].to(weight.dtype))
 
 
 def keep_best(model: torch.nn.Module, names: list[str], modules: list[torch.nn.Module],

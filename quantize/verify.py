@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from awq import registry
+from chat_templates import is_japanese
 from quantize import calibration
 from quantize.layerwise import LayerwiseLM, WeightTransform
 
@@ -34,7 +34,6 @@ MIN_TOP1 = 0.85
 # have near-uniform outputs, so their top-1 says little; a misnamed or broken layer is several
 # nats off: 4.15 on the mergekit merge that was published broken before this gate existed).
 GATE_TOKENS = 64  # per held-out sequence (calibration.GATE_ROWS of them)
-_JA = re.compile(r"[\u3040-\u30ff\u4e00-\u9fff]")
 
 
 class VerifyError(AssertionError):
@@ -64,7 +63,8 @@ def rtn_weight(w: torch.Tensor, group_size: int, dtype: torch.dtype) -> torch.Te
     scale = qp["scale"].to(torch.float16).float().reshape(x.shape[0], groups, 1)
     zero = qp["zero_point"].to(torch.int32).reshape(x.shape[0], groups, 1)
     q = q.to(torch.int32).reshape(x.shape[0], groups, group_size)
-    return ((q - zero).float() * scale).reshape(x.shape)
+    out: torch.Tensor = ((q - zero).float() * scale).reshape(x.shape)
+    return out
 
 
 def rtn_transform(group_size: int, original: Path) -> WeightTransform:
@@ -245,8 +245,8 @@ def verify(ckpt: Path, original: Path, eval_file: Path | None = None,
     texts = calibration.heldout_texts(eval_file)
     tok = AutoTokenizer.from_pretrained(ckpt)
     seqs = [tok.encode(t) for t in texts]
-    groups = {"ja": [i for i, t in enumerate(texts) if _JA.search(t)],
-              "en": [i for i, t in enumerate(texts) if not _JA.search(t)],
+    groups = {"ja": [i for i, t in enumerate(texts) if is_japanese(t)],
+              "en": [i for i, t in enumerate(texts) if not is_japanese(t)],
               "all": list(range(len(texts)))}
     logits = {"original": LayerwiseLM(original).logits(seqs),
               "awq": LayerwiseLM(ckpt).logits(seqs),

@@ -18,7 +18,7 @@ from starlette.routing import Route
 from serve import metrics
 from serve.engine import EngineDeadError
 from serve.errors import ErrorBoundary, install_handlers
-from serve.middleware import AuthMiddleware, BodyLimitMiddleware
+from serve.middleware import HEALTH, AuthMiddleware, BodyLimitMiddleware
 from serve.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -50,6 +50,21 @@ def create_app(state: AppState) -> FastAPI:
                   description="OpenAI-compatible server for merged Japanese LLMs on vLLM.")
     app.state.moegi = state
     install_handlers(app)
+    _middleware(app, state)
+    _service_routes(app, state)
+    _generation_routes(app, state)
+    _token_routes(app, state)
+    # The route tables, read from the routes themselves: what metrics meter and label.
+    state.metered_routes = frozenset(r.path for r in app.routes if isinstance(r, Route)) \
+        - metrics.UNMETERED
+    state.generation_routes = tuple(r.path for r in app.routes
+                                    if isinstance(r, APIRoute) and GENERATION in r.tags)
+    if state.model is not None:
+        metrics.set_model_info(state.model, state.generation_routes)
+    return app
+
+
+def _middleware(app: FastAPI, state: AppState) -> None:
     # Innermost first: the body bound, the key, then metrics (which also count the 401s and
     # 413s) and the error boundary outermost (an escaped error is still an envelope).
     app.add_middleware(BodyLimitMiddleware, max_bytes=state.max_request_bytes)
@@ -58,6 +73,10 @@ def create_app(state: AppState) -> FastAPI:
     app.add_middleware(metrics.MetricsMiddleware, model=lambda: state.model_name,
                        routes=lambda: state.metered_routes)
     app.add_middleware(ErrorBoundary)
+
+
+def _service_routes(app: FastAPI, state: AppState) -> None:
+    """Metrics, health, version and the model list."""
     # vLLM's engine registers its `vllm:*` metrics in prometheus_client's default registry,
     # beside moegi's `moegi_*` (serve/metrics.py). /metrics sits behind --api-key like every
     # route but /health (Prometheus sends the key with `authorization: {credentials_file: ...}`).
@@ -67,7 +86,7 @@ def create_app(state: AppState) -> FastAPI:
     async def prometheus_metrics() -> Response:
         return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/health")
+    @app.get(HEALTH)
     async def health() -> Response:
         engine, _ = state.ready()
         try:
@@ -93,6 +112,10 @@ def create_app(state: AppState) -> FastAPI:
             "default_system_prompt": model.default_system,
         }]}
 
+
+def _generation_routes(app: FastAPI, state: AppState) -> None:
+    """The routes that run the engine, each under an engine slot (transport.py)."""
+
     @app.post("/v1/chat/completions", tags=[GENERATION])
     async def chat(req: ChatCompletionRequest, request: Request) -> Response:
         return await generate(state, request, req, chat_completion)
@@ -104,6 +127,10 @@ def create_app(state: AppState) -> FastAPI:
     @app.post("/v1/responses", tags=[GENERATION])
     async def responses(req: ResponsesRequest, request: Request) -> Response:
         return await generate(state, request, req, create_response)
+
+
+def _token_routes(app: FastAPI, state: AppState) -> None:
+    """The tokenizer's routes (vLLM's own server has the same)."""
 
     @app.post("/tokenize")
     async def tokenize_route(req: TokenizeRequest) -> dict[str, Any]:
@@ -119,11 +146,3 @@ def create_app(state: AppState) -> FastAPI:
     async def tokenizer_info_route() -> dict[str, Any]:
         _, model = state.ready()
         return tokenizer_info(model)
-
-    state.metered_routes = frozenset(r.path for r in app.routes if isinstance(r, Route)) \
-        - metrics.UNMETERED
-    state.generation_routes = tuple(r.path for r in app.routes
-                                    if isinstance(r, APIRoute) and GENERATION in r.tags)
-    if state.model is not None:
-        metrics.set_model_info(state.model, state.generation_routes)
-    return app

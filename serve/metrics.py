@@ -19,13 +19,14 @@ from typing import TYPE_CHECKING
 from prometheus_client import Counter, Gauge, Histogram, Info
 
 from serve.errors import ASGIApp, Message, Receive, Scope, Send, error_type
+from serve.middleware import HEALTH
 
 if TYPE_CHECKING:
     from serve.model import ServedModel
 
 
 # Not counted: Prometheus' scrapes and orchestrators' probes would drown the API's own figures.
-UNMETERED = frozenset({"/metrics", "/health"})
+UNMETERED = frozenset({"/metrics", HEALTH})
 
 _LATENCY = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0)
 _TOKENS = (1, 4, 16, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)

@@ -12,7 +12,8 @@ import hmac
 
 from serve.errors import APIError, ASGIApp, Message, Receive, Scope, Send, error_response
 
-OPEN_PATHS = frozenset({"/health"})
+HEALTH = "/health"  # the route an orchestrator probes: never behind the key, never metered
+OPEN_PATHS = frozenset({HEALTH})
 _BEARER = b"bearer "
 
 

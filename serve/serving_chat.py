@@ -16,7 +16,7 @@ from serve.model import ServedModel, bytes_text, check_request
 from serve.prompt import render_prompt
 from serve.protocol import ChatCompletionRequest
 from serve.run import ChoiceEvent, Gating, Run, Usage, collect, new_id
-from serve.sse import SSE_DONE, SSEFrames
+from serve.sse import SSE_DONE, ChunkStream, SSEFrames
 from serve.textgate import GatedToken
 
 
@@ -43,8 +43,9 @@ def chat_logprobs(model: ServedModel, tokens: list[GatedToken] | None) -> dict[s
 
 async def chat_completion(
     engine: Engine, model: ServedModel, req: ChatCompletionRequest
-) -> dict[str, Any] | AsyncIterator[str]:
-    """Return the response body, or an async iterator of SSE lines when streaming."""
+) -> dict[str, Any] | ChunkStream:
+    """Return the response body, or the stream of its SSE frames."""
+    req = req.with_defaults(model.sampling_defaults)
     check_request(model, req, logprobs=req.logprobs_k())
     prompt_ids = await render_prompt(model, req.messages, req.add_generation_prompt,
                                      req.continue_final_message)
@@ -53,7 +54,7 @@ async def chat_completion(
     spec = req.to_spec(max_tokens, gating.stops, req.logprobs_k(), eos_ids=gating.eos_ids)
     run = Run(engine, model, prompt_ids, spec, new_id("chatcmpl"), gating)
     if req.stream:
-        return _stream(model, req, run)
+        return ChunkStream(_stream(model, req, run))
     final = await collect(run)
     return {
         "id": run.request_id,

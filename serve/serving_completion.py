@@ -18,7 +18,7 @@ from serve.errors import APIError
 from serve.model import ServedModel, bytes_text, check_request
 from serve.protocol import CompletionRequest
 from serve.run import ChoiceEvent, Gating, Run, Usage, collect, new_id
-from serve.sse import SSE_DONE, SSEFrames
+from serve.sse import SSE_DONE, ChunkStream, SSEFrames
 from serve.textgate import GatedToken
 
 
@@ -105,7 +105,8 @@ async def merge(prompts: list[Prompt]) -> AsyncIterator[tuple[Prompt, list[Choic
 
 async def completion(
     engine: Engine, model: ServedModel, req: CompletionRequest
-) -> dict[str, Any] | AsyncIterator[str]:
+) -> dict[str, Any] | ChunkStream:
+    req = req.with_defaults(model.sampling_defaults)
     texts = req.prompts()
     check_request(model, req, prompts=len(texts), logprobs=req.logprobs)
     gating = Gating.of(model, req, tokens=req.logprobs is not None or req.return_token_ids)
@@ -121,7 +122,7 @@ async def completion(
         prompts.append(Prompt(i, ids, Run(engine, model, ids, spec, f"{request_id}-{i}", gating),
                               echo))
     if req.stream:
-        return _stream(model, req, request_id, prompts)
+        return ChunkStream(_stream(model, req, request_id, prompts))
     results = await asyncio.gather(*(collect(p.run) for p in prompts))
     choices = [_choice(model, req, p, e) for p, final in zip(prompts, results, strict=True)
                for e in final]

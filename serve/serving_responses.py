@@ -70,6 +70,7 @@ async def _run(engine: Engine, model: ServedModel, req: ResponsesRequest) -> Run
 
 async def create_response(engine: Engine, model: ServedModel, req: ResponsesRequest
                           ) -> dict[str, Any] | ResponseStream:
+    req = req.with_defaults(model.sampling_defaults)
     run = await _run(engine, model, req)
     if req.stream:
         return ResponseStream(model, req, run)

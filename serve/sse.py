@@ -1,14 +1,41 @@
-"""Server-sent events framing: `data:` frames, and the closing `[DONE]`."""
+"""Server-sent events framing: `data:` frames, the closing `[DONE]`, and what a stream is.
+
+A route's stream is an `EventStream`: its frames, and the frame that ends it after a failure
+past its 200. Chat and completions streams are `ChunkStream`s (an OpenAI error chunk, then
+`[DONE]`); the Responses stream frames its own `error` event (serving_responses.py).
+"""
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Protocol
 
+from serve.errors import sse_error
 from serve.run import Usage
 
 SSE_DONE = "data: [DONE]\n\n"
+
+
+class EventStream(Protocol):
+    def __aiter__(self) -> AsyncIterator[str]: ...
+
+    def error_frame(self, exc: BaseException) -> str: ...
+
+
+@dataclass
+class ChunkStream:
+    """An OpenAI chunk stream (chat, completions); a failure ends it with an error chunk."""
+
+    chunks: AsyncIterator[str]
+
+    def __aiter__(self) -> AsyncIterator[str]:
+        return self.chunks
+
+    def error_frame(self, exc: BaseException) -> str:
+        return sse_error(exc) + SSE_DONE
 
 
 class SSEFrames:

@@ -19,16 +19,10 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from serve import metrics
 from serve.engine import Engine, EngineDeadError
-from serve.errors import APIError, error_type, sse_error, to_api_error
+from serve.errors import APIError, error_type, to_api_error
 from serve.model import ServedModel
-from serve.serving_responses import ResponseStream
-from serve.sse import SSE_DONE
+from serve.sse import EventStream
 from serve.state import AppState
-
-
-def _sse_error_and_done(exc: BaseException) -> str:
-    return sse_error(exc) + SSE_DONE
-
 
 _SHUTDOWN = APIError("the server is shutting down and ended this request at its deadline: "
                      "retry on another replica", 503, code="server_shutdown")
@@ -72,7 +66,7 @@ async def _until_disconnect(request: Request) -> None:
         pass
 
 
-Result = dict[str, Any] | AsyncIterator[str] | ResponseStream
+Result = dict[str, Any] | EventStream
 
 
 async def _respond(state: AppState, request: Request, route: str,
@@ -106,9 +100,8 @@ async def _respond(state: AppState, request: Request, route: str,
             raise
         if isinstance(result, dict):
             return JSONResponse(result)
-        frame = result.error_frame if isinstance(result, ResponseStream) else _sse_error_and_done
         handed_over = True
-        return StreamingResponse(_guard(state, route, aiter(result), frame),
+        return StreamingResponse(_guard(state, route, aiter(result), result.error_frame),
                                  media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     finally:
@@ -118,8 +111,6 @@ async def _respond(state: AppState, request: Request, route: str,
 
 async def generate(state: AppState, request: Request, req: Any,
                     serve: Callable[[Engine, ServedModel, Any], Awaitable[Result]]) -> Response:
-    """A generation route: the preset's defaults in the fields the request left unset
-    (validated again), then the serving call under an engine slot."""
+    """A generation route: the serving call under an engine slot."""
     engine, model = state.ready()
-    req = req.with_defaults(model.sampling_defaults)
     return await _respond(state, request, request.scope["path"], lambda: serve(engine, model, req))

@@ -15,12 +15,15 @@ to bottom (README: Files):
 from __future__ import annotations
 
 import ast
+import tomllib
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGES = ("serve", "quantize", "awq", "vllm_plugins", "tiny", "chat_templates")
+# The project's packages: the list pyproject.toml gives setuptools (the one place it lives).
+PACKAGES = tuple(p.rstrip("*") for p in tomllib.loads((REPO / "pyproject.toml").read_text())
+                 ["tool"]["setuptools"]["packages"]["find"]["include"])
 ALLOWED = {
     "serve": {"awq", "tiny", "chat_templates"},
     "quantize": {"awq", "tiny", "chat_templates"},

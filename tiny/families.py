@@ -59,7 +59,7 @@ def random_dense(out: Path, family: str) -> None:
 
     build_tokenizer(out)
     torch.manual_seed(SEED)
-    model: Any = AutoModelForCausalLM.from_config(
+    model: Any = AutoModelForCausalLM.from_config(  # type: ignore[no-untyped-call]
         dense_config(family, len(AutoTokenizer.from_pretrained(out))))
     model.to(torch.bfloat16).save_pretrained(out)
 

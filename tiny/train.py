@@ -15,26 +15,25 @@ from __future__ import annotations
 
 import json
 import random
-import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import chat_templates
+from chat_templates import is_japanese
 
 PAIRS: list[tuple[str, str]] = [
     (q, a) for q, a in json.loads(Path(__file__).with_name("instructions.json").read_text())["pairs"]
 ]
 TEMPLATES = ("alpaca-ja", "llama-2-chat")
 SEED = 1234
-_JA = re.compile(r"[\u3040-\u30ff\u4e00-\u9fff]")
 
 
 def pairs_in(language: str | None) -> list[tuple[str, str]]:
     """The pairs whose question is Japanese ("ja"), English ("en"), or all (None)."""
     if language is None:
         return list(PAIRS)
-    return [(q, a) for q, a in PAIRS if bool(_JA.search(q)) == (language == "ja")]
+    return [(q, a) for q, a in PAIRS if is_japanese(q) == (language == "ja")]
 
 
 def _render(tok: Any, template: str, question: str) -> list[int]:
@@ -102,7 +101,8 @@ def train_expert(out: Path, tokenizer_dir: Path, language: str | None,
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     random.seed(seed)
     torch.manual_seed(seed)
-    model: Any = AutoModelForCausalLM.from_config(dense_config(family, len(tok)))
+    model: Any = AutoModelForCausalLM.from_config(  # type: ignore[no-untyped-call]
+        dense_config(family, len(tok)))
     fit(model, tok, sequences(tok, pairs_in(language), templates), steps, 3e-3, out.name)
     model.to(torch.bfloat16).save_pretrained(out)
     tok.save_pretrained(out)

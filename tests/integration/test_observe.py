@@ -23,7 +23,8 @@ import openai
 import pytest
 import yaml
 
-from tests.integration.conftest import API_KEY, REPO, Server, _free_port
+from bench.common import free_port
+from tests.integration.conftest import API_KEY, REPO, Server
 
 pytestmark = pytest.mark.integration
 
@@ -68,7 +69,7 @@ def prometheus(chat_server: Server, llama_server: Server, tmp_path_factory: pyte
              "static_configs": [{"targets": [chat_server.url.removeprefix("http://")]}]}
     config["scrape_configs"] = [keyed, open_]
     (tmp / "prometheus.yml").write_text(yaml.safe_dump(config))
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([binary, f"--config.file={tmp / 'prometheus.yml'}",
                              f"--storage.tsdb.path={tmp / 'data'}",
                              f"--web.listen-address=127.0.0.1:{port}"],

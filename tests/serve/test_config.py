@@ -76,7 +76,7 @@ def test_checked_before_the_model_loads(args: list[str], needle: str) -> None:
 def test_unknown_engine_options_are_refused_before_vllm_starts() -> None:
     from serve.vllm_engine import prepare
 
-    with pytest.raises(ValueError, match="unknown vLLM engine option.*no_such_option"):
+    with pytest.raises(ValueError, match=r"unknown vLLM engine option.*no_such_option"):
         prepare(parse(["--engine-args", "no_such_option=1"]))
 
 

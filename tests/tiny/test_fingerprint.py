@@ -3,6 +3,8 @@ them rebuilds it (and the image build never copies in a model made from older so
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from tests.test_layers import imports
@@ -42,13 +44,13 @@ def test_a_change_under_awq_rebuilds_the_quantized_models(monkeypatch: pytest.Mo
     there no longer rebuilt tiny-chat."""
     before = {n: build.fingerprint(n) for n in ("tiny-chat", "smollm2-moe-awq", "tiny-llama")}
     registry = build.REPO / "awq" / "architectures.json"
-    real = build.Path.read_bytes
+    real = Path.read_bytes
 
-    def changed(path: build.Path) -> bytes:
+    def changed(path: Path) -> bytes:
         data = real(path)
         return data + b" " if path == registry else data
 
-    monkeypatch.setattr(build.Path, "read_bytes", changed)
+    monkeypatch.setattr(Path, "read_bytes", changed)
     after = {n: build.fingerprint(n) for n in before}
     assert after["tiny-chat"] != before["tiny-chat"]
     assert after["smollm2-moe-awq"] != before["smollm2-moe-awq"]
