@@ -1,17 +1,13 @@
-"""The AutoAWQ GEMM layout, written from llm-compressor's packed output (pure torch).
+"""The AutoAWQ GEMM layout: packing, unpacking and dequantizing it (pure torch).
 
-llm-compressor saves compressed-tensors `pack-quantized` tensors and has no AutoAWQ writer
-(compressed-tensors only converts the other way), so this small repacker is ours. Layout, as
-TheBloke's releases, vLLM `awq`/`awq_marlin`, TGI and transformers read it:
+The layout, as TheBloke's releases, vLLM `awq`/`awq_marlin`, TGI and transformers read it (the
+conversion from llm-compressor's own output is `compressed.py`):
 
 - `qweight` int32 `[in, out/8]`: eight 4-bit values per int32 along the *output* dimension,
   nibble i holding column 8j + AWQ_ORDER[i];
 - `qzeros`  int32 `[in/G, out/8]`, same packing, unsigned zero points;
 - `scales`  fp16  `[in/G, out]`;
 - `w[o, i] = (q[i, o] - z[i // G, o]) * s[i // G, o]`.
-
-compressed-tensors packs signed values (range [-8, 7]) offset by +8 along the input dimension
-(weights) or output dimension (zero points); unpacking uses its own `unpack_from_int32`.
 """
 
 from __future__ import annotations
@@ -57,30 +53,6 @@ class GemmTensors:
     inexact_scales: int = 0  # scales that fp16 cannot hold exactly (outside its normal range)
 
 
-def ct_integers(weight_packed: torch.Tensor, zero_point: torch.Tensor, shape: tuple[int, int],
-                groups: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """compressed-tensors' signed integers: weights `[out, in]`, zero points `[out, groups]`."""
-    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
-
-    out_f, in_f = shape
-    q = unpack_from_int32(weight_packed, BITS, torch.Size((out_f, in_f)), packed_dim=1)
-    z = unpack_from_int32(zero_point, BITS, torch.Size((out_f, groups)), packed_dim=0)
-    return q, z
-
-
-def from_compressed(weight_packed: torch.Tensor, weight_scale: torch.Tensor,
-                    zero_point: torch.Tensor, shape: tuple[int, int]) -> GemmTensors:
-    """One linear layer from compressed-tensors pack-quantized to AutoAWQ GEMM."""
-    groups = weight_scale.shape[1]
-    q, z = ct_integers(weight_packed, zero_point, shape, groups)
-    offset = 1 << (BITS - 1)
-    scales = weight_scale.t().contiguous()
-    half = scales.to(torch.float16)
-    inexact = int((half.to(scales.dtype) != scales).sum())
-    return GemmTensors(pack_gemm((q.to(torch.int32) + offset).t()),
-                       pack_gemm((z.to(torch.int32) + offset).t()), half, inexact)
-
-
 def dequantize(g: GemmTensors | tuple[torch.Tensor, torch.Tensor, torch.Tensor],
                dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The dense weight `[out, in]` a GEMM triple stands for."""
@@ -90,18 +62,3 @@ def dequantize(g: GemmTensors | tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     group = q.shape[0] // z.shape[0]
     w = (q - z.repeat_interleave(group, 0)) * scales.to(torch.float32).repeat_interleave(group, 0)
     return w.t().contiguous().to(dtype)
-
-
-def whole_groups(width: int, group: int, tensor_parallel: int) -> bool:
-    """Whether `tensor_parallel` ranks, each holding `width / tensor_parallel` input channels of a
-    row-parallel linear, each hold a whole number of AWQ groups: vLLM floors a fraction, and the
-    kernels fail at warm-up. The one check the server (before loading) and the CPU kernel hook
-    (at construction) both make."""
-    return width % tensor_parallel == 0 and (width // tensor_parallel) % group == 0
-
-
-def tensor_parallel_fits(widths: list[int], group: int, up_to: int) -> list[int]:
-    """The tensor-parallel sizes from 1 to `up_to` that give every rank whole groups of each
-    width, for an error message that names the sizes that work."""
-    return [t for t in range(1, up_to + 1) if all(whole_groups(w, group, t) for w in widths)]
-

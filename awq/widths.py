@@ -1,4 +1,5 @@
-"""The widths of a model's linear layers, read once from its config.json for every stage.
+"""The widths of a model's linear layers, read once from its config.json for every stage, and
+which tensor-parallel splits they allow.
 
 The quantizer picks a group size that divides every input width (`quantize/preflight.py`), the
 server refuses a tensor-parallel split that would leave a rank a fraction of a group
@@ -55,3 +56,17 @@ def widths(config: dict[str, Any]) -> Widths:
         head_dim = text.get("head_dim") or int(text["hidden_size"]) // int(heads)
         inputs[ATTENTION] = row[ATTENTION] = int(heads) * int(head_dim)
     return Widths(inputs, row)
+
+
+def whole_groups(width: int, group: int, tensor_parallel: int) -> bool:
+    """Whether `tensor_parallel` ranks, each holding `width / tensor_parallel` input channels of a
+    row-parallel linear, each hold a whole number of AWQ groups: vLLM floors a fraction, and the
+    kernels fail at warm-up. The one check the server (before loading) and the CPU kernel hook
+    (at construction) both make."""
+    return width % tensor_parallel == 0 and (width // tensor_parallel) % group == 0
+
+
+def tensor_parallel_fits(widths: list[int], group: int, up_to: int) -> list[int]:
+    """The tensor-parallel sizes from 1 to `up_to` that give every rank whole groups of each
+    width, for an error message that names the sizes that work."""
+    return [t for t in range(1, up_to + 1) if all(whole_groups(w, group, t) for w in widths)]

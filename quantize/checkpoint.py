@@ -20,7 +20,8 @@ from typing import Any, BinaryIO
 import torch
 from safetensors import safe_open
 
-from awq.layout import ct_integers, dequantize, from_compressed, unpack_gemm
+from awq.compressed import ct_integers, from_compressed
+from awq.layout import dequantize, unpack_gemm
 from awq.registry import ArchSpec
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",

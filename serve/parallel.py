@@ -21,8 +21,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from awq.layout import tensor_parallel_fits, whole_groups
-from awq.widths import text_config, widths
+from awq.widths import tensor_parallel_fits, text_config, whole_groups, widths
 
 
 def check_split(model_dir: Path, tensor_parallel: int, pipeline_parallel: int) -> None:

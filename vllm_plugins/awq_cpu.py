@@ -47,7 +47,7 @@ from typing import Any
 
 import torch
 
-from awq.layout import tensor_parallel_fits, whole_groups
+from awq.widths import tensor_parallel_fits, whole_groups
 from vllm_plugins import native
 from vllm_plugins.int4_cpu import (
     KERNEL_GROUPS,
