@@ -106,9 +106,8 @@ def supported(path: Path | None = None) -> list[str]:
 def lookup(architecture: str, path: Path | None = None) -> ArchSpec:
     """The spec for an architecture class; refused and unknown ones fail saying why."""
     data = _registry(path)
-    if architecture in data.get("refused", {}):
-        raise UnsupportedArchitecture(f"architecture {architecture!r} is not supported: "
-                                      f"{data['refused'][architecture]}")
+    if reason := refusal({"architectures": [architecture]}, path):
+        raise UnsupportedArchitecture(reason)
     entry = data["architectures"].get(architecture)
     if entry is None:
         raise UnsupportedArchitecture(
@@ -124,6 +123,15 @@ def lookup(architecture: str, path: Path | None = None) -> ArchSpec:
     return ArchSpec(architecture, entry["family"], maps, tuple(fam["ignore"]),
                     tuple(mtnc) if mtnc is not None else None, tuple(fam["rename"].items()),
                     re.compile(fam["kept"]), fam["kept_text"], fam.get("card", ""), experts)
+
+
+def refusal(config: dict[str, Any], path: Path | None = None) -> str | None:
+    """Why moegi declines this model (a parsed config.json) before loading it, or None: the
+    server serves architectures the registry does not map (vLLM knows them), but not these."""
+    archs = config.get("architectures") or []
+    refused: dict[str, str] = _registry(path).get("refused", {})
+    return next((f"architecture {a!r} is not supported: {refused[a]}" for a in archs
+                 if a in refused), None)
 
 
 def for_config(config: dict[str, Any], path: Path | None = None) -> ArchSpec:

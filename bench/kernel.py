@@ -30,7 +30,7 @@ import torch
 
 from awq.layout import pack_gemm
 from bench.models import REAL_SHAPES
-from vllm_plugins import int4_cpu, native
+from vllm_plugins import cpu_isa, int4_cpu, native
 
 
 def _shapes() -> dict[str, tuple[int, int]]:
@@ -86,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if not native.load():
         raise SystemExit("the native kernels could not be built (see the warning above)")
+    cpu_isa.register()  # ONEDNN_MAX_CPU_ISA below AMX: no AMX for vLLM's kernel either
     n, k = SHAPES[a.shape]
     gen = torch.Generator().manual_seed(0)
     q = torch.randint(0, 16, (k, n), generator=gen, dtype=torch.int32)

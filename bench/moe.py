@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import random
 import re
 import statistics
@@ -48,6 +49,7 @@ DECODE = (1, 8, 32)
 DECODE_TOKENS = 64
 VOCAB = range(259, 600)  # the tiny tokenizer's pieces after <unk> <s> </s> and the 256 bytes
 PLUGIN_LOG = "run on moegi's CPU kernel"  # vllm_plugins/awq_cpu.py's line when it takes a layer
+NO_AMX = "ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16"  # oneDNN's ISA cap (vllm_plugins/cpu_isa.py)
 
 
 @dataclass
@@ -67,21 +69,24 @@ def _moegi(name: str, model: Path, env: dict[str, str] | None = None) -> Engine:
     return Engine(name, start)
 
 
-def _llama(name: str, src: Path, kind: str) -> Engine:
+def _llama(name: str, src: Path, kind: str, repack: bool = True) -> Engine:
     def start(log_dir: Path) -> ServerProcess:
         path = gguf(src, kind)  # converted on first use, before the server's clock starts
         port = free_port()
         # One unified KV cache of 8,192 tokens shared by 32 slots: the decode runs need 32 short
-        # streams, the prefill runs one 2,048-token prompt.
+        # streams, the prefill runs one 2,048-token prompt. Repacked layouts (llama.cpp's
+        # default, its fastest CPU path) unless they crashed on this host (`main` retries).
         cmd = [str(LLAMA_CPP / "build" / "bin" / "llama-server"), "-m", str(path), "--port",
                str(port), "--host", "127.0.0.1", "-t", "2", "-tb", "2", "-np", str(max(DECODE)),
-               "-c", "8192", "--kv-unified", "-a", "m",
-               # With weight repacking on, llama.cpp's AMX path died at start-up on this AMX
-               # host (SIGILL: the kernel grants it no AMX tile state); its figures here are
-               # without repacked layouts and may understate it.
-               "--no-repack"]
+               "-c", "8192", "--kv-unified", "-a", "m", *([] if repack else ["--no-repack"])]
         return ServerProcess(name, cmd, log_dir / f"{_slug(name)}.log", port)
     return Engine(name, start, moegi=False)
+
+
+def without_repack(engine: Engine, src: Path, kind: str) -> Engine:
+    """The same llama.cpp server with `--no-repack`: on an AMX host its repacked AMX path died
+    at start-up with SIGILL (the kernel grants it no AMX tile state), seen here."""
+    return _llama(f"{engine.name} (--no-repack: repacked crashed here)", src, kind, repack=False)
 
 
 def _slug(name: str) -> str:
@@ -104,15 +109,16 @@ def gguf(src: Path, kind: str) -> Path:
     return out
 
 
-def engines(shape: str, layers: int, names: set[str] | None) -> list[Engine]:
+def engines(shape: str, layers: int, names: set[str] | None,
+            env: dict[str, str]) -> tuple[list[Engine], Path]:
     config = {**REAL_SHAPES[shape], "num_hidden_layers": layers}
     name = f"real-{shape}-{layers}l"
     bf16 = bench_model(name, "mixtral", config)
     awq = bench_model(name, "mixtral", config, quantized=True)
-    out = [_moegi("bf16", bf16), _moegi("4-bit as served", awq),
-           _moegi("4-bit moegi plugin", awq, {"MOEGI_CPU_MOE": "plugin"}),
+    out = [_moegi("bf16", bf16, env), _moegi("4-bit as served", awq, env),
+           _moegi("4-bit moegi plugin", awq, {**env, "MOEGI_CPU_MOE": "plugin"}),
            _llama("llama.cpp Q4_0", bf16, "Q4_0"), _llama("llama.cpp Q4_K_M", bf16, "Q4_K_M")]
-    return [e for e in out if names is None or e.name in names or e.name == "bf16"]
+    return [e for e in out if names is None or e.name in names or e.name == "bf16"], bf16
 
 
 class Prompts:
@@ -208,9 +214,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--only", help="comma-separated server names to run beside bf16")
     parser.add_argument("--build-only", action="store_true", help="make the models and stop")
+    parser.add_argument("--no-amx", action="store_true",
+                        help="on a host with AMX, run every vLLM server as on a CPU without it "
+                             f"({NO_AMX}, which moegi's plugin extends to all of vLLM)")
     args = parser.parse_args(argv)
     names = set(args.only.split(",")) if args.only else None
-    todo = engines(args.shape, args.layers, names)
+    env = dict([NO_AMX.split("=")]) if args.no_amx else {}
+    todo, bf16_dir = engines(args.shape, args.layers, names, env)
     if args.build_only:
         return
     realtime()
@@ -221,7 +231,16 @@ def main(argv: list[str] | None = None) -> None:
         for engine in todo:
             server = engine.start(log_dir)
             try:
-                server.start()
+                try:
+                    server.start()
+                except RuntimeError:
+                    if engine.moegi or "--no-repack" in engine.name:
+                        raise
+                    server.stop()
+                    kind = engine.name.split()[-1]
+                    todo[todo.index(engine)] = engine = without_repack(engine, bf16_dir, kind)
+                    server = engine.start(log_dir)
+                    server.start()
                 runs.setdefault(engine.name, []).append(measure(server, engine, prompts))
             finally:
                 server.stop()
@@ -239,9 +258,10 @@ def main(argv: list[str] | None = None) -> None:
           f"{served}. {args.rounds} rounds; logs: {log_dir}; cache: {cache_root() / 'bench'}\n")
     print("Against bf16 (ratio: higher is better for tokens/s, lower for start-up and memory):\n")
     print(report(runs, "bf16"))
-    if "llama.cpp Q4_0" in runs:
-        print("\nAgainst llama.cpp Q4_0:\n")
-        print(report(runs, "llama.cpp Q4_0"))
+    q4 = next((n for n in runs if n.startswith("llama.cpp Q4_0")), None)
+    if q4:
+        print(f"\nAgainst {q4}:\n")
+        print(report(runs, q4))
     started = {name: r for name, r in runs.items() if all(k in x for x in r for k in PHASES)}
     if started:
         print("\nStart-up phases of the vLLM servers, seconds (median): weights read, weights "
@@ -250,6 +270,11 @@ def main(argv: list[str] | None = None) -> None:
         print(table(["server", *PHASES], [[name, *(f"{statistics.median(x[k] for x in r):.1f}"
                                                   for k in PHASES)]
                                           for name, r in started.items()]))
+    # The kernel alone at this shape: GB/s of weight read at 1 and 8 rows, beside the copy
+    # bandwidth measured in the same run (bench/kernel.py).
+    print("\nmoegi's native kernel at this shape (python -m bench.kernel):\n", flush=True)
+    subprocess.run([sys.executable, "-m", "bench.kernel", "--shape", args.shape, "--rows",
+                    "1,8,64", "--rounds", "3"], check=True, env={**os.environ, **env})
 
 
 if __name__ == "__main__":

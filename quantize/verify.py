@@ -201,23 +201,25 @@ class Report:
         return self.gate.top1
 
     def recovered(self) -> float:
-        """Share of RTN's perplexity loss that AWQ avoids (AWQ paper, Llama-2-7B: about half)."""
-        base, awq, rtn = (self.ppl[k]["all"] for k in ("original", "awq", "rtn"))
-        return 1 - (awq - base) / (rtn - base) if rtn != base else float("nan")
+        """Share of round-to-nearest's perplexity loss the checkpoint avoids (the AWQ paper's
+        Llama-2-7B figure: about half)."""
+        base, ours, rtn = (self.ppl[k]["all"] for k in ("original", "checkpoint", "rtn"))
+        return 1 - (ours - base) / (rtn - base) if rtn != base else float("nan")
 
     def table(self) -> str:
         rows = ["| model | ja ppl | en ppl | all ppl |", "|---|---:|---:|---:|"]
-        labels = {"original": "original (unquantized)", "awq": "AWQ 4-bit (this checkpoint)",
+        labels = {"original": "original (unquantized)", "checkpoint": "4-bit (this checkpoint)",
                   "rtn": "round-to-nearest 4-bit, same groups"}
         for key, label in labels.items():
             p = self.ppl[key]
             cells = [f"{p[g]:.3f}" if g in p else "-" for g in ("ja", "en", "all")]
             rows.append(f"| {label} | " + " | ".join(cells) + " |")
         rows.append("")
-        base, awq = self.ppl["original"]["all"], self.ppl["awq"]["all"]
-        rows.append(f"AWQ avoids {self.recovered():.0%} of round-to-nearest's perplexity increase "
-                    "(the AWQ paper's Llama-2-7B figure is about 50%)." if awq > base else
-                    "AWQ's perplexity is at or below the original's on this text (within noise).")
+        base, ours = self.ppl["original"]["all"], self.ppl["checkpoint"]["all"]
+        rows.append(f"The checkpoint avoids {self.recovered():.0%} of round-to-nearest's perplexity "
+                    "increase (the AWQ paper's Llama-2-7B figure is about 50%)." if ours > base else
+                    "The checkpoint's perplexity is at or below the original's on this text "
+                    "(within noise).")
         rows.append(f"Checkpoint vs original: mean KL {self.kl:.4f} nats, "
                     f"top-1 agreement {self.top1:.1%} (limits {MAX_MEAN_KL}, {MIN_TOP1:.0%}); "
                     f"round-to-nearest vs original: {self.gate.rtn_kl:.4f} nats, "
@@ -249,12 +251,12 @@ def verify(ckpt: Path, original: Path, eval_file: Path | None = None,
               "en": [i for i, t in enumerate(texts) if not is_japanese(t)],
               "all": list(range(len(texts)))}
     logits = {"original": LayerwiseLM(original).logits(seqs),
-              "awq": LayerwiseLM(ckpt).logits(seqs),
+              "checkpoint": LayerwiseLM(ckpt).logits(seqs),
               "rtn": LayerwiseLM(original, transform=rtn_transform(group_size, original)).logits(seqs)}
     ppl = {name: {g: perplexity([lg[i] for i in idx], [seqs[i] for i in idx])
                   for g, idx in groups.items() if idx}
            for name, lg in logits.items()}
-    report = Report(ppl, Gate(*compare(logits["original"], logits["awq"]),
+    report = Report(ppl, Gate(*compare(logits["original"], logits["checkpoint"]),
                               *compare(logits["original"], logits["rtn"])))
     if not report.gate.publishable(accept_quality_loss, MIN_TOP1):
         raise VerifyError(f"{report.gate.explain(MIN_TOP1)}\n{report.table()}")

@@ -23,6 +23,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, CliApp, SettingsConfigDict, SettingsError
 
 import chat_templates
+from awq import registry
 
 # Fields that go to vLLM's AsyncEngineArgs under the same name.
 ENGINE_FIELDS = ("model", "tokenizer", "dtype", "max_model_len", "tensor_parallel_size",
@@ -204,8 +205,11 @@ def check_before_load(settings: Settings) -> None:
             if not Path(value).expanduser().exists():
                 raise ValueError(f"--{name} {value}: no such folder")
     if settings.model and (Path(settings.model).expanduser() / "config.json").is_file():
-        check_split(Path(settings.model).expanduser(), settings.tensor_parallel_size,
-                    settings.pipeline_parallel_size)
+        model_dir = Path(settings.model).expanduser()
+        refused = registry.refusal(json.loads((model_dir / "config.json").read_text()))
+        if refused:
+            raise ValueError(refused)
+        check_split(model_dir, settings.tensor_parallel_size, settings.pipeline_parallel_size)
 
 
 def parse(argv: list[str] | None = None) -> Settings:

@@ -110,3 +110,36 @@ def test_the_quantize_stage_reads_the_new_family(toy: registry.ArchSpec, tmp_pat
     assert torch.equal(state["mlp.experts.down_proj"][1], experts["moe.expert_1.wo.weight"])
     with pytest.raises(KeyError, match="expert tensors missing"):
         layerwise.module_state(experts, toy.experts, 3)
+
+
+def test_qwen_moe_families_keep_routers_and_the_shared_gate_16_bit() -> None:
+    qwen2 = registry.lookup("Qwen2MoeForCausalLM")
+    post = dict(qwen2.mappings)["re:.*post_attention_layernorm$"]
+    for needed in ("mlp\\.gate$", "experts\\.\\d+\\.gate_proj$", "shared_expert\\.gate_proj$",
+                   "shared_expert\\.up_proj$", "shared_expert_gate$"):
+        assert any(needed in b for b in post), needed
+    assert ("re:.*mlp\\.shared_expert\\.up_proj$", ("re:.*mlp\\.shared_expert\\.down_proj$",)) \
+        in qwen2.mappings
+    assert qwen2.keeps("model.layers.0.mlp.gate.weight")
+    assert qwen2.keeps("model.layers.0.mlp.shared_expert_gate.weight")
+    assert not qwen2.keeps("model.layers.0.mlp.shared_expert.gate_proj.weight")
+    assert not qwen2.keeps("model.layers.0.mlp.experts.3.gate_proj.weight")
+    # vLLM matches these as substrings of module names: never a shared expert's gate_up_proj.
+    assert qwen2.modules_to_not_convert == ("mlp.gate", "mlp.shared_expert_gate")
+    assert not any(m in "model.layers.0.mlp.shared_expert.gate_up_proj"
+                   for m in qwen2.modules_to_not_convert)
+    assert qwen2.original_name("model.layers.0.mlp.experts.1.up_proj") == \
+        "model.layers.0.mlp.experts.1.up_proj"  # vLLM's Qwen2-MoE loader reads these names
+    qwen3 = registry.lookup("Qwen3MoeForCausalLM")
+    assert qwen3.experts is not None and qwen3.modules_to_not_convert == ("mlp.gate",)
+    # mergekit-moe writes Qwen3-MoE's expert count as num_local_experts, Qwen's own as num_experts.
+    assert qwen3.experts.count({"num_local_experts": 3}) == qwen3.experts.count({"num_experts": 3})
+    for arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM"):
+        assert registry.lookup(arch).modules_to_not_convert is None
+
+
+def test_deepseek_moe_is_refused_with_the_reason() -> None:
+    with pytest.raises(registry.UnsupportedArchitecture, match="trust_remote_code") as err:
+        registry.lookup("DeepseekForCausalLM")
+    assert "Qwen2-MoE" in str(err.value)  # and what to merge into instead
+    assert registry.refusal({"architectures": ["LlamaForCausalLM"]}) is None

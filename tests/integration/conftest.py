@@ -89,6 +89,25 @@ def greedy_ids(server: Server, model: str, prompt_ids: list[int], n: int) -> lis
     return ids
 
 
+def agreement(server: Server, model: str, checkpoint: Path, prompts: list[list[int]],
+              n: int) -> tuple[int, int]:
+    """Teacher-forced on the server's own greedy tokens: at how many of its generated positions
+    the reference forward (the checkpoint's files, dequantized into transformers' float32
+    modules, layer by layer: what `verify` runs) picks the same top-1 token; (agreed, total).
+    Every position agreeing means the greedy sequences are identical."""
+    from quantize.layerwise import LayerwiseLM
+
+    reference = LayerwiseLM(checkpoint)
+    agree = total = 0
+    for prompt in prompts:
+        generated = greedy_ids(server, model, prompt, n)
+        logits = reference.logits([prompt + generated[:-1]])[0]
+        predicted = logits[len(prompt) - 1:].argmax(-1).tolist()
+        agree += sum(p == g for p, g in zip(predicted, generated, strict=True))
+        total += len(generated)
+    return agree, total
+
+
 def _stop(servers: list[Server]) -> None:
     for s in servers:
         s.proc.terminate()

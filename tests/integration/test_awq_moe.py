@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import Server, greedy_ids
+from tests.integration.conftest import Server, agreement
 from tiny.build import ensure_model
 
 pytestmark = pytest.mark.integration
@@ -75,20 +74,11 @@ def test_greedy_tokens_agree_with_the_reference_forward(chat_server: Server) -> 
     from transformers import AutoTokenizer
 
     from quantize.calibration import heldout_texts
-    from quantize.layerwise import LayerwiseLM
 
     ckpt = ensure_model("tiny-chat")
     tok = AutoTokenizer.from_pretrained(ckpt)
-    reference = LayerwiseLM(Path(ckpt))
-    agree = total = 0
-    for text in [*heldout_texts(), *UNSEEN]:
-        for cut in (8, 20):
-            prompt = tok.encode(text)[:cut]
-            generated = greedy_ids(chat_server, "tiny-chat", prompt, 24)
-            logits = reference.logits([prompt + generated[:-1]])[0]
-            predicted = logits[len(prompt) - 1 :].argmax(-1).tolist()
-            agree += sum(p == g for p, g in zip(predicted, generated, strict=True))
-            total += len(generated)
+    prompts = [tok.encode(text)[:cut] for text in [*heldout_texts(), *UNSEEN] for cut in (8, 20)]
+    agree, total = agreement(chat_server, "tiny-chat", ckpt, prompts, 24)
     print(f"\ntop-1 agreement, vLLM vs reference forward: {agree}/{total} = {agree / total:.2%}")
     assert total >= 600
     assert agree / total >= 0.99

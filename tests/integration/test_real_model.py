@@ -21,7 +21,7 @@ import httpx
 import pytest
 from safetensors import safe_open
 
-from tests.integration.conftest import Server, _start, _stop, greedy_ids
+from tests.integration.conftest import Server, _start, _stop, agreement, greedy_ids
 from tiny.build import ensure_model
 
 pytestmark = pytest.mark.integration
@@ -93,19 +93,8 @@ def test_moegi_replies_as_vllms_own_server_on_a_real_model(smollm2_pair: tuple[S
 
 
 def _agreement(server: Server, checkpoint: Path, tok: object) -> float:
-    """Teacher-forced on the server's greedy tokens: the share of positions where the reference
-    forward (the checkpoint's files, dequantized into transformers' float32 modules) agrees."""
-    from quantize.layerwise import LayerwiseLM
-
-    reference = LayerwiseLM(checkpoint)
-    agree = total = 0
-    for text in TEXTS:
-        prompt = tok.encode(text)  # type: ignore[attr-defined]
-        generated = greedy_ids(server, "moe", prompt, 16)
-        logits = reference.logits([prompt + generated[:-1]])[0]
-        predicted = logits[len(prompt) - 1:].argmax(-1).tolist()
-        agree += sum(p == g for p, g in zip(predicted, generated, strict=True))
-        total += len(generated)
+    agree, total = agreement(server, "moe", checkpoint,
+                             [tok.encode(t) for t in TEXTS], 16)  # type: ignore[attr-defined]
     return agree / total
 
 

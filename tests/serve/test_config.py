@@ -103,3 +103,10 @@ def test_a_float16_checkpoint_is_served_in_bfloat16_on_cpus(
     settings = parse(["--model", str(tmp_path), "--dtype", asked])
     _cpu_dtype(settings)
     assert settings.dtype == served
+
+
+def test_a_refused_architecture_is_refused_before_loading(tmp_path: Path) -> None:
+    """mergekit-moe's DeepSeek-MoE output needs modelling code from the hub: said, not loaded."""
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["DeepseekForCausalLM"]}))
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        check_before_load(parse(["--model", str(tmp_path)]))
