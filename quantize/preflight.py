@@ -104,7 +104,7 @@ def _same_or_nested(a: Path, b: Path) -> bool:
 
 def check(model: Path, out: Path, *, fmt: str, group_size: int | None, num_samples: int,
           seq_len: int,
-          calib: Path | None, overwrite: bool, max_shard_gb: float = 1.0) -> Plan:
+          calib: Path | None, overwrite: bool, max_shard_gb: float) -> Plan:
     """Fail before any heavy work: paths, architecture, options, tokenizer, space, writability."""
     if not (model / "config.json").is_file():
         raise QuantizeError(f"{model} is not a model folder (no config.json); pass a local "

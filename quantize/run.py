@@ -15,7 +15,6 @@ with --accept-quality-loss.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import os
 import resource
@@ -113,7 +112,7 @@ def quantize(opts: Options) -> Result:
     plan = preflight.check(opts.model, opts.out, fmt=opts.format, group_size=opts.group_size,
                            num_samples=opts.num_samples, seq_len=opts.seq_len, calib=opts.calib,
                            overwrite=opts.overwrite, max_shard_gb=opts.max_shard_gb)
-    opts = dataclasses.replace(opts, group_size=plan.group_size)
+    opts = opts.model_copy(update={"group_size": plan.group_size})
     if plan.group_note:
         print(f"moegi-quantize: {plan.group_note}", file=sys.stderr)
     start = time.monotonic()

@@ -31,7 +31,7 @@ def quantize_keeping_compressed(model: str, out: Path, keep: Path, **kw: Any) ->
 
     checkpoint.check_repack = spy  # type: ignore[assignment]
     try:
-        return quantize(Options(ensure_model(model), out, **kw))
+        return quantize(Options(model=ensure_model(model), out=out, **kw))
     finally:
         checkpoint.check_repack = real  # type: ignore[assignment]
 

@@ -95,7 +95,7 @@ def test_existing_output_is_refused(awq_dirs: dict[str, Any], capsys: Any) -> No
     assert "already exists" in err and "--overwrite" in err
     assert (out / "config.json").read_bytes() == before
     with pytest.raises(QuantizeError, match="--overwrite"):
-        quantize(Options(ensure_model("tiny-llama"), out))
+        quantize(Options(model=ensure_model("tiny-llama"), out=out))
 
 
 def test_unsupported_architecture_fails_before_loading(tmp_path: Path, capsys: Any) -> None:
@@ -131,7 +131,7 @@ def test_interrupted_run_leaves_nothing(tmp_path: Path, monkeypatch: pytest.Monk
 
     monkeypatch.setattr(card, "write_card", boom)
     with pytest.raises(KeyboardInterrupt):
-        quantize(Options(ensure_model("tiny-llama"), tmp_path / "out", num_samples=4,
+        quantize(Options(model=ensure_model("tiny-llama"), out=tmp_path / "out", num_samples=4,
                          accept_quality_loss=True))
     # Nothing that looks like output; only the resume state, which the next run picks up.
     assert [p.name for p in tmp_path.iterdir()] == ["out.resume"]
@@ -140,7 +140,8 @@ def test_interrupted_run_leaves_nothing(tmp_path: Path, monkeypatch: pytest.Monk
 
 def test_compressed_tensors_format(tmp_path: Path) -> None:
     out = tmp_path / "ct"
-    quantize(Options(ensure_model("tiny-mixtral"), out, format="compressed-tensors", num_samples=4,
+    quantize(Options(model=ensure_model("tiny-mixtral"), out=out, format="compressed-tensors",
+                     num_samples=4,
                      accept_quality_loss=True))  # random weights: conftest.awq_dirs says why
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     assert qc["quant_method"] == "compressed-tensors" and qc["format"] == "pack-quantized"

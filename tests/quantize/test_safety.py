@@ -50,7 +50,7 @@ def test_out_is_never_the_model_inside_it_or_around_it(tmp_path: Path,
     for out, where in ((model, "is the model folder"), (model / "awq", "inside the model"),
                        (tmp_path / "models", "contains the model")):
         with pytest.raises(QuantizeError, match=where):
-            quantize(Options(model, out, overwrite=True))
+            quantize(Options(model=model, out=out, overwrite=True))
     assert sorted(p.name for p in model.iterdir()) == before
 
 
@@ -67,7 +67,7 @@ def test_unwritable_or_full_output_fails_before_loading(tmp_path: Path,
             locked.rmdir()
             locked.write_text("not a folder")
         with pytest.raises(QuantizeError, match="cannot write into"):
-            quantize(Options(model, locked / "out"))
+            quantize(Options(model=model, out=locked / "out"))
     finally:
         if locked.is_dir():
             locked.chmod(0o700)
@@ -77,7 +77,7 @@ def test_unwritable_or_full_output_fails_before_loading(tmp_path: Path,
 
     monkeypatch.setattr(shutil, "disk_usage", lambda _: Full)
     with pytest.raises(QuantizeError, match="free some space"):
-        quantize(Options(model, tmp_path / "out"))
+        quantize(Options(model=model, out=tmp_path / "out"))
 
 
 def test_missing_tokenizer_files_name_the_fix(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
@@ -149,7 +149,7 @@ def test_a_checkpoint_far_from_the_original_is_not_published(tmp_path: Path,
     monkeypatch.setattr(checkpoint, "write_gemm", broken)
     monkeypatch.setattr(checkpoint, "check_repack", lambda *_: 1)  # let it reach the gate
     with pytest.raises(QuantizeError, match="not published"):
-        quantize(Options(ensure_model("tiny-text"), tmp_path / "out", num_samples=8))
+        quantize(Options(model=ensure_model("tiny-text"), out=tmp_path / "out", num_samples=8))
     assert [p.name for p in tmp_path.iterdir()] == ["out.resume"]  # no output, no partial
 
 

@@ -107,3 +107,20 @@ def test_the_readme_loaders_table_is_the_cards() -> None:
     assert loaders.readme_table() in readme
     moe, dense = loaders.card_rows(moe=True), loaders.card_rows(moe=False)
     assert len(moe) == len(dense) == len(loaders.LOADERS) + 2 and moe != dense
+
+
+def test_options_come_from_flags_and_variables_with_defaults_in_one_place(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """moegi-quantize's options are pydantic settings, as moegi-serve's: a MOEGI_QUANTIZE_*
+    variable sets what a flag sets, the flag wins, and a bad value names both."""
+    from quantize.cli import parse
+    from quantize.options import Options
+
+    monkeypatch.setenv("MOEGI_QUANTIZE_GROUP_SIZE", "64")
+    opts = parse(Options, ["m", "o"])
+    assert (opts.group_size, opts.method, opts.num_samples) == (64, "gptq", 128)
+    assert parse(Options, ["m", "o", "--group-size", "32"]).group_size == 32
+    assert Options.model_fields["method"].default == "gptq"  # the one place the default lives
+    monkeypatch.setenv("MOEGI_QUANTIZE_NUM_SAMPLES", "0")
+    with pytest.raises(SystemExit, match="--num-samples / MOEGI_QUANTIZE_NUM_SAMPLES"):
+        parse(Options, ["m", "o"])
