@@ -65,3 +65,15 @@ def config_name(model_dir: str | Path) -> str:
     if cfg.is_file():
         return str(json.loads(cfg.read_text()).get("_name_or_path", ""))
     return ""
+
+
+def docs_table() -> str:
+    """The presets as the Markdown table of docs/prompts.md (a test keeps that copy equal)."""
+    rows = ["| Preset | Matches | Template | System prompt | Sampling defaults |",
+            "|---|---|---|---|---|"]
+    for p in PRESETS.values():
+        sampling = ", ".join(f"{k} {v}" for k, v in p.sampling.items()) or "-"
+        rows.append(f"| `{p.name}` | {', '.join(f'`{m}`' for m in p.match)} | "
+                    f"{f'`{p.template}`' if p.template else 'none (a base model)'} | "
+                    f"{p.system or '-'} | {sampling} |")
+    return "\n".join(rows)

@@ -1,8 +1,8 @@
 """What loads a moegi checkpoint, and where that was checked: one table, two renderings.
 
-The README's Loaders table (`readme_table`) and the Loaders section of every checkpoint's card
-(`card_rows`, the column for the checkpoint's kind) come from these rows, and a test keeps the
-README's copy equal to `readme_table()`, so the two cannot drift apart.
+The Loaders table of docs/quantize.md (`docs_table`) and the Loaders section of every checkpoint's
+card (`card_rows`, the column for the checkpoint's kind) come from these rows, and a test keeps
+the docs' copy equal to `docs_table()`, so the two cannot drift apart.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ LOADERS = (
 )
 
 
-def readme_table() -> str:
+def docs_table() -> str:
     rows = ["| Loader | Dense (Llama, Mistral, Qwen2, Qwen3) | MoE (Mixtral, Qwen2-MoE, Qwen3-MoE) "
             "| Where checked |",
             "|---|---|---|---|"]

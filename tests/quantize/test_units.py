@@ -99,12 +99,12 @@ def test_shard_writer_streams_the_files_safetensors_writes(tmp_path: Path) -> No
         ShardWriter(many, 40).add("z", torch.zeros(2, dtype=torch.complex64))
 
 
-def test_the_readme_loaders_table_is_the_cards() -> None:
-    """One table: the README's copy is rendered from quantize/loaders.py, as every card's is."""
+def test_the_docs_loaders_table_is_the_cards() -> None:
+    """One table: the docs' copy is rendered from quantize/loaders.py, as every card's is."""
     from quantize import loaders
 
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
-    assert loaders.readme_table() in readme
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "quantize.md").read_text(encoding="utf-8")
+    assert loaders.docs_table() in docs
     moe, dense = loaders.card_rows(moe=True), loaders.card_rows(moe=False)
     assert len(moe) == len(dense) == len(loaders.LOADERS) + 2 and moe != dense
 
