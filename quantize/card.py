@@ -39,7 +39,6 @@ CANDIDATE_NAMES = {"recipe": "AWQ's scales with the observer's ranges",
                    "minmax": "AWQ's scales with min-max ranges",
                    "rtn": "plain round-to-nearest",
                    "recipe+gptq": "AWQ's scales, the observer's ranges and GPTQ's rounding",
-                   "minmax+gptq": "AWQ's scales, min-max ranges and GPTQ's rounding",
                    "rtn+gptq": "min-max ranges and GPTQ's rounding, without AWQ's scales"}
 
 
