@@ -16,9 +16,10 @@ calibration inputs, by the squared error of the layer's output against the origi
 - `rtn`: the original weights with min-max ranges (what `--method rtn` writes);
 - with `+gptq` (`--method gptq`: `recipe+gptq`, `rtn+gptq`), the same ranges with GPTQ's
   rounding (each column rounded in turn, the error carried onto the columns not yet rounded,
-  through the inverse Hessian of the layer's inputs: llm-compressor's `quantize_weight`). The Hessians are taken from the inputs
-  the weights will see, after AWQ's smoothing: stacking llm-compressor's GPTQModifier after
-  AWQModifier in one pass would take them before the smoothing changed the inputs.
+  through the inverse Hessian of the layer's inputs: llm-compressor's `quantize_weight`). The
+  Hessians are taken from the inputs the weights will see, after AWQ's smoothing: stacking
+  llm-compressor's GPTQModifier after AWQModifier in one pass would take them before the
+  smoothing changed the inputs.
 
 The layer keeps the best. Each candidate is quantized once (fake quantization, as llm-compressor
 does in its search) and run over the calibration batches: a forward pass of one layer each (and
