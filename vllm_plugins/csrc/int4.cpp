@@ -87,25 +87,38 @@ Packed packed(const at::Tensor& w, const at::Tensor& s, const at::Tensor& z) {
   return {w.data_ptr<uint8_t>(), s.data_ptr<c10::Half>(), z.data_ptr<uint8_t>(), n, k, g};
 }
 
-// Rows quantized for the kernels: int8 values, one scale per 32 inputs, and per group the sum
-// over its blocks of scale x (sum of the block's int8 values), which carries the zero point.
+// Rows quantized for the kernels, one scale per 32 inputs, and per group the sum over its blocks
+// of scale x (sum of the block's integers), which carries the zero point. Two widths:
+//   - int8 (for bfloat16 inputs, the default): absmax / 127, as llama.cpp's Q8_0; about 0.5% of a
+//     linear's output norm, the precision of the bfloat16 it replaces;
+//   - int16 (for float16 and float32 inputs: a user who asks for them wants precision): absmax /
+//     32767, stored with each 8 inputs in the order 0 2 4 6 1 3 5 7, the pairs `vpdpwssd` reads.
+// Both are per row, so a row's output does not depend on the others in the batch.
+constexpr int kPairOrder[8] = {0, 2, 4, 6, 1, 3, 5, 7};   // stored position -> input
+constexpr int kPairSlot[8] = {0, 4, 1, 5, 2, 6, 3, 7};    // input -> stored position
+
 struct Rows {
-  const int8_t* q;     // [M][K]
+  const int8_t* q8;    // [M][K] (int8 width)
+  const int16_t* q16;  // [M][K] (int16 width, pair order)
   const float* d;      // [M][K/32]
   const float* zsum;   // [M][K/G]
   int64_t k, g;
-  const int8_t* qr(int64_t r) const { return q + r * k; }
+  const int8_t* r8(int64_t r) const { return q8 + r * k; }
+  const int16_t* r16(int64_t r) const { return q16 + r * k; }
   const float* dr(int64_t r) const { return d + r * (k / QBLOCK); }
   const float* zr(int64_t r) const { return zsum + r * (k / g); }
 };
 
 struct RowBuffers {
-  std::vector<int8_t> q;
+  bool wide = false;
+  std::vector<int8_t> q8;
+  std::vector<int16_t> q16;
   std::vector<float> d, zsum;
-  Rows view(int64_t k, int64_t g) const { return {q.data(), d.data(), zsum.data(), k, g}; }
+  Rows view(int64_t k, int64_t g) const {
+    return {q8.data(), q16.data(), d.data(), zsum.data(), k, g};
+  }
 };
 
-// One block of 32 activations -> int8 (round to nearest), its scale, and the sum of the int8s.
 template <typename T>
 float load_float(const T* x, int64_t i) {
   if constexpr (std::is_same_v<T, bf16>) {
@@ -115,16 +128,23 @@ float load_float(const T* x, int64_t i) {
   }
 }
 
-template <typename T>
-void quantize_block_scalar(const T* x, int8_t* q, float* d, int32_t* sum) {
+// One block of 32 inputs -> integers A (round to nearest even), its scale, the integers' sum.
+template <typename A, typename T>
+void quantize_block_scalar(const T* x, A* q, float* d, int32_t* sum) {
+  constexpr float kMax = std::is_same_v<A, int8_t> ? 127.f : 32767.f;
   float amax = 0.f;
   for (int64_t i = 0; i < QBLOCK; ++i) amax = std::max(amax, std::fabs(load_float(x, i)));
-  *d = amax / 127.f;
-  const float inv = amax > 0.f ? 127.f / amax : 0.f;
+  *d = amax / kMax;
+  const float inv = amax > 0.f ? kMax / amax : 0.f;
   int32_t total = 0;
   for (int64_t i = 0; i < QBLOCK; ++i) {
-    q[i] = static_cast<int8_t>(std::nearbyint(load_float(x, i) * inv));
-    total += q[i];
+    const A v = static_cast<A>(std::nearbyint(load_float(x, i) * inv));
+    if constexpr (std::is_same_v<A, int8_t>) {
+      q[i] = v;
+    } else {
+      q[8 * (i / 8) + kPairSlot[i % 8]] = v;
+    }
+    total += v;
   }
   *sum = total;
 }
@@ -132,8 +152,9 @@ void quantize_block_scalar(const T* x, int8_t* q, float* d, int32_t* sum) {
 #define MOEGI_AVX512 \
   __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512bf16,fma,f16c")))
 
-template <typename T>
-MOEGI_AVX512 void quantize_block_avx512(const T* x, int8_t* q, float* d, int32_t* sum) {
+template <typename A, typename T>
+MOEGI_AVX512 void quantize_block_avx512(const T* x, A* q, float* d, int32_t* sum) {
+  constexpr float kMax = std::is_same_v<A, int8_t> ? 127.f : 32767.f;
   __m512 v[2];
   for (int h = 0; h < 2; ++h) {
     if constexpr (std::is_same_v<T, bf16>) {
@@ -144,24 +165,34 @@ MOEGI_AVX512 void quantize_block_avx512(const T* x, int8_t* q, float* d, int32_t
     }
   }
   const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v[0]), _mm512_abs_ps(v[1])));
-  *d = amax / 127.f;
-  const __m512 inv = _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
-  __m512i total = _mm512_setzero_si512();
-  for (int h = 0; h < 2; ++h) {
-    const __m512i i32 = _mm512_cvtps_epi32(_mm512_mul_ps(v[h], inv));  // round to nearest even
-    total = _mm512_add_epi32(total, i32);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + 16 * h), _mm512_cvtsepi32_epi8(i32));
+  *d = amax / kMax;
+  const __m512 inv = _mm512_set1_ps(amax > 0.f ? kMax / amax : 0.f);
+  // round to nearest even, as the scalar path
+  const __m512i i0 = _mm512_cvtps_epi32(_mm512_mul_ps(v[0], inv));
+  const __m512i i1 = _mm512_cvtps_epi32(_mm512_mul_ps(v[1], inv));
+  *sum = _mm512_reduce_add_epi32(_mm512_add_epi32(i0, i1));
+  if constexpr (std::is_same_v<A, int8_t>) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q), _mm512_cvtsepi32_epi8(i0));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + 16), _mm512_cvtsepi32_epi8(i1));
+  } else {
+    const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtsepi32_epi16(i0)),
+                                            _mm512_cvtsepi32_epi16(i1), 1);
+    // Stored position j holds input 8 (j / 8) + kPairOrder[j % 8].
+    alignas(64) static const int16_t order[32] = {
+        0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15,
+        16, 18, 20, 22, 17, 19, 21, 23, 24, 26, 28, 30, 25, 27, 29, 31};
+    _mm512_storeu_si512(q, _mm512_permutexvar_epi16(_mm512_load_si512(order), both));
   }
-  *sum = _mm512_reduce_add_epi32(total);
 }
 
 bool avx512_vnni();
 
-// x [M][K] (bfloat16 bits or float32) -> Rows, rows in parallel.
-template <typename T>
-void quantize_rows(const T* x, int64_t m, int64_t k, int64_t g, RowBuffers& out) {
+// x [M][K] (bfloat16 bits or float32) -> Rows of width A, rows in parallel.
+template <typename A, typename T>
+void quantize_rows_as(const T* x, int64_t m, int64_t k, int64_t g, std::vector<A>& q,
+                      RowBuffers& out) {
   const int64_t blocks = k / QBLOCK, per_group = g / QBLOCK;
-  out.q.resize(m * k);
+  q.resize(m * k);
   out.d.resize(m * blocks);
   out.zsum.resize(m * (k / g));
   const bool fast = avx512_vnni();
@@ -172,9 +203,9 @@ void quantize_rows(const T* x, int64_t m, int64_t k, int64_t g, RowBuffers& out)
         int32_t sum;
         const int64_t at = r * k + b * QBLOCK;
         if (fast)
-          quantize_block_avx512(x + at, out.q.data() + at, &d, &sum);
+          quantize_block_avx512(x + at, q.data() + at, &d, &sum);
         else
-          quantize_block_scalar(x + at, out.q.data() + at, &d, &sum);
+          quantize_block_scalar(x + at, q.data() + at, &d, &sum);
         out.d[r * blocks + b] = d;
         float& z = out.zsum[r * (k / g) + b / per_group];
         z = (b % per_group == 0 ? 0.f : z) + d * static_cast<float>(sum);
@@ -182,26 +213,38 @@ void quantize_rows(const T* x, int64_t m, int64_t k, int64_t g, RowBuffers& out)
   });
 }
 
+template <typename T>
+void quantize_rows(const T* x, int64_t m, int64_t k, int64_t g, bool wide, RowBuffers& out) {
+  out.wide = wide;
+  if (wide)
+    quantize_rows_as(x, m, k, g, out.q16, out);
+  else
+    quantize_rows_as(x, m, k, g, out.q8, out);
+}
+
+// bfloat16 inputs get int8 rows; float16 and float32 ones, int16 rows (see Rows).
+bool wide_for(at::ScalarType dtype) { return dtype != at::kBFloat16; }
+
 void quantize_input(const at::Tensor& x2, int64_t g, RowBuffers& out) {
   const int64_t m = x2.size(0), k = x2.size(1);
   if (x2.scalar_type() == at::kBFloat16) {
-    quantize_rows(reinterpret_cast<const bf16*>(x2.data_ptr<at::BFloat16>()), m, k, g, out);
+    quantize_rows(reinterpret_cast<const bf16*>(x2.data_ptr<at::BFloat16>()), m, k, g, false, out);
   } else {
     const at::Tensor xf = x2.to(at::kFloat).contiguous();
-    quantize_rows(xf.data_ptr<float>(), m, k, g, out);
+    quantize_rows(xf.data_ptr<float>(), m, k, g, true, out);
   }
 }
 
 // ---------------------------------------------------------------------------------------------
 // AVX512-VNNI.
 
-// R rows x one block's 64 channels -> out [R][64] float32.
-template <int R>
+// R rows x one block's 64 channels -> out [R][64] float32, with int8 (`vpdpbusd`: 4 products a
+// lane) or int16 (`vpdpwssd`: 2) activations.
+template <int R, typename A>
 MOEGI_AVX512 void block_avx512(const Packed& p, int64_t b, const Rows& x, int64_t r0, float* out) {
   const __m512i* wp = reinterpret_cast<const __m512i*>(p.wb(b));
   const c10::Half* sp = p.sb(b);
   const uint8_t* zp = p.zb(b);
-  const __m512i m4 = _mm512_set1_epi8(15);
   __m512 o[R][4];
   for (int r = 0; r < R; ++r)
     for (int t = 0; t < 4; ++t) o[r][t] = _mm512_setzero_ps();
@@ -217,19 +260,40 @@ MOEGI_AVX512 void block_avx512(const Packed& p, int64_t b, const Rows& x, int64_
 #pragma GCC unroll 4
       for (int st = 0; st < QBLOCK / STEP; ++st, wp += 4) {
         const int64_t k0 = qb * QBLOCK + st * STEP;
-        __m512i lo[4], hi[4];
-        for (int t = 0; t < 4; ++t) {
-          const __m512i v = _mm512_loadu_si512(wp + t);
-          lo[t] = _mm512_and_si512(v, m4);
-          hi[t] = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
-        }
-        for (int r = 0; r < R; ++r) {
-          int32_t x0, x1;
-          std::memcpy(&x0, x.qr(r0 + r) + k0, 4);
-          std::memcpy(&x1, x.qr(r0 + r) + k0 + 4, 4);
-          const __m512i b0 = _mm512_set1_epi32(x0), b1 = _mm512_set1_epi32(x1);
-          for (int t = 0; t < 4; ++t)
-            a[r][t] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(a[r][t], lo[t], b0), hi[t], b1);
+        __m512i v[4];
+        for (int t = 0; t < 4; ++t) v[t] = _mm512_loadu_si512(wp + t);
+        if constexpr (std::is_same_v<A, int8_t>) {
+          // Bytes of a lane: low nibbles are inputs k0..k0+3, high ones k0+4..k0+7.
+          const __m512i m4 = _mm512_set1_epi8(15);
+          __m512i lo[4], hi[4];
+          for (int t = 0; t < 4; ++t) {
+            lo[t] = _mm512_and_si512(v[t], m4);
+            hi[t] = _mm512_and_si512(_mm512_srli_epi16(v[t], 4), m4);
+          }
+          for (int r = 0; r < R; ++r) {
+            int32_t x0, x1;
+            std::memcpy(&x0, x.r8(r0 + r) + k0, 4);
+            std::memcpy(&x1, x.r8(r0 + r) + k0 + 4, 4);
+            const __m512i b0 = _mm512_set1_epi32(x0), b1 = _mm512_set1_epi32(x1);
+            for (int t = 0; t < 4; ++t)
+              a[r][t] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(a[r][t], lo[t], b0), hi[t], b1);
+          }
+        } else {
+          // 16-bit halves of a lane, shifted by 4i: inputs (k0, k0+2), (k0+4, k0+6), (k0+1, k0+3),
+          // (k0+5, k0+7), the pairs at 2i of the rows' pair order.
+          const __m512i m4 = _mm512_set1_epi32(0x000F000F);
+#pragma GCC unroll 4
+          for (int i = 0; i < 4; ++i) {
+            __m512i w[4];
+            for (int t = 0; t < 4; ++t)
+              w[t] = _mm512_and_si512(_mm512_srli_epi32(v[t], 4 * i), m4);
+            for (int r = 0; r < R; ++r) {
+              int32_t pair;
+              std::memcpy(&pair, x.r16(r0 + r) + k0 + 2 * i, 4);
+              const __m512i bx = _mm512_set1_epi32(pair);
+              for (int t = 0; t < 4; ++t) a[r][t] = _mm512_dpwssd_epi32(a[r][t], w[t], bx);
+            }
+          }
         }
       }
       for (int r = 0; r < R; ++r) {
@@ -257,12 +321,12 @@ MOEGI_AVX512 void block_avx512(const Packed& p, int64_t b, const Rows& x, int64_
 
 #define MOEGI_AVX2 __attribute__((target("avx2,fma,f16c")))
 
-template <int R>
+template <int R, typename A>
 MOEGI_AVX2 void block_avx2(const Packed& p, int64_t b, const Rows& x, int64_t r0, float* out) {
   const uint8_t* wp = p.wb(b);
   const c10::Half* sp = p.sb(b);
   const uint8_t* zp = p.zb(b);
-  const __m256i m4 = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
+  const __m256i ones = _mm256_set1_epi16(1);
   const int64_t per_group = p.g / QBLOCK;
   for (int h = 0; h < 8; ++h) {  // 8 eighths of the block: tile h / 2, half h % 2
     __m256 o[R];
@@ -278,15 +342,28 @@ MOEGI_AVX2 void block_avx2(const Packed& p, int64_t b, const Rows& x, int64_t r0
           const int64_t k0 = qb * QBLOCK + st * STEP;
           const __m256i v = _mm256_loadu_si256(
               reinterpret_cast<const __m256i*>(wh + (k0 / STEP) * STEP_BYTES));
-          const __m256i lo = _mm256_and_si256(v, m4);
-          const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
-          for (int r = 0; r < R; ++r) {
-            int32_t x0, x1;
-            std::memcpy(&x0, x.qr(r0 + r) + k0, 4);
-            std::memcpy(&x1, x.qr(r0 + r) + k0 + 4, 4);
-            const __m256i s0 = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, _mm256_set1_epi32(x0)), ones);
-            const __m256i s1 = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, _mm256_set1_epi32(x1)), ones);
-            a[r] = _mm256_add_epi32(a[r], _mm256_add_epi32(s0, s1));
+          if constexpr (std::is_same_v<A, int8_t>) {
+            const __m256i m4 = _mm256_set1_epi8(15);
+            const __m256i lo = _mm256_and_si256(v, m4);
+            const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+            for (int r = 0; r < R; ++r) {
+              int32_t x0, x1;
+              std::memcpy(&x0, x.r8(r0 + r) + k0, 4);
+              std::memcpy(&x1, x.r8(r0 + r) + k0 + 4, 4);
+              const __m256i s0 = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, _mm256_set1_epi32(x0)), ones);
+              const __m256i s1 = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, _mm256_set1_epi32(x1)), ones);
+              a[r] = _mm256_add_epi32(a[r], _mm256_add_epi32(s0, s1));
+            }
+          } else {
+            const __m256i m4 = _mm256_set1_epi32(0x000F000F);
+            for (int i = 0; i < 4; ++i) {
+              const __m256i w = _mm256_and_si256(_mm256_srli_epi32(v, 4 * i), m4);
+              for (int r = 0; r < R; ++r) {
+                int32_t pair;
+                std::memcpy(&pair, x.r16(r0 + r) + k0 + 2 * i, 4);
+                a[r] = _mm256_add_epi32(a[r], _mm256_madd_epi16(w, _mm256_set1_epi32(pair)));
+              }
+            }
           }
         }
         for (int r = 0; r < R; ++r)
@@ -312,6 +389,7 @@ uint32_t nibble_at(const uint8_t* wb, int64_t k, int64_t c) {
   return (k % STEP) < 4 ? (byte & 15u) : (byte >> 4);
 }
 
+template <typename A>
 void block_scalar(const Packed& p, int64_t b, const Rows& x, int64_t r0, int rows, float* out) {
   const uint8_t* wp = p.wb(b);
   const int64_t per_group = p.g / QBLOCK;
@@ -322,8 +400,13 @@ void block_scalar(const Packed& p, int64_t b, const Rows& x, int64_t r0, int row
         float f = 0.f;
         for (int64_t qb = g * per_group; qb < (g + 1) * per_group; ++qb) {
           int32_t a = 0;
-          for (int64_t i = 0; i < QBLOCK; ++i)
-            a += static_cast<int32_t>(nibble_at(wp, qb * QBLOCK + i, c)) * x.qr(r0 + r)[qb * QBLOCK + i];
+          for (int64_t i = 0; i < QBLOCK; ++i) {
+            const int64_t k = qb * QBLOCK + i;
+            const int32_t xv = std::is_same_v<A, int8_t>
+                                   ? x.r8(r0 + r)[k]
+                                   : x.r16(r0 + r)[8 * (k / 8) + kPairSlot[k % 8]];
+            a += static_cast<int32_t>(nibble_at(wp, k, c)) * xv;
+          }
           f += static_cast<float>(a) * x.dr(r0 + r)[qb];
         }
         const float s = static_cast<float>(p.sb(b)[g * BLOCK + c]);
@@ -357,40 +440,50 @@ Isa isa_now() {
 
 bool avx512_vnni() { return isa_now() == Isa::kAvx512Vnni; }
 
-template <template <int> class Kernel>
+template <template <int, typename> class Kernel, typename A>
 void rows_by_four(const Packed& p, int64_t b, const Rows& x, int64_t r0, int64_t rows, float* out) {
   int64_t r = 0;
-  for (; r + 4 <= rows; r += 4) Kernel<4>::run(p, b, x, r0 + r, out + r * BLOCK);
+  for (; r + 4 <= rows; r += 4) Kernel<4, A>::run(p, b, x, r0 + r, out + r * BLOCK);
   switch (rows - r) {
-    case 3: Kernel<3>::run(p, b, x, r0 + r, out + r * BLOCK); break;
-    case 2: Kernel<2>::run(p, b, x, r0 + r, out + r * BLOCK); break;
-    case 1: Kernel<1>::run(p, b, x, r0 + r, out + r * BLOCK); break;
+    case 3: Kernel<3, A>::run(p, b, x, r0 + r, out + r * BLOCK); break;
+    case 2: Kernel<2, A>::run(p, b, x, r0 + r, out + r * BLOCK); break;
+    case 1: Kernel<1, A>::run(p, b, x, r0 + r, out + r * BLOCK); break;
     default: break;
   }
 }
 
-template <int R> struct Avx512 {
+template <int R, typename A> struct Avx512 {
   static void run(const Packed& p, int64_t b, const Rows& x, int64_t r0, float* out) {
-    block_avx512<R>(p, b, x, r0, out);
+    block_avx512<R, A>(p, b, x, r0, out);
   }
 };
-template <int R> struct Avx2 {
+template <int R, typename A> struct Avx2 {
   static void run(const Packed& p, int64_t b, const Rows& x, int64_t r0, float* out) {
-    block_avx2<R>(p, b, x, r0, out);
+    block_avx2<R, A>(p, b, x, r0, out);
   }
 };
 
-// Rows [r0, r0 + rows) x block b -> out [rows][64] float32.
-void block_rows(const Packed& p, int64_t b, const Rows& x, int64_t r0, int64_t rows, float* out) {
+template <typename A>
+void block_rows_as(const Packed& p, int64_t b, const Rows& x, int64_t r0, int64_t rows,
+                   float* out) {
   switch (isa_now()) {
-    case Isa::kAvx512Vnni: rows_by_four<Avx512>(p, b, x, r0, rows, out); break;
-    case Isa::kAvx2: rows_by_four<Avx2>(p, b, x, r0, rows, out); break;
+    case Isa::kAvx512Vnni: rows_by_four<Avx512, A>(p, b, x, r0, rows, out); break;
+    case Isa::kAvx2: rows_by_four<Avx2, A>(p, b, x, r0, rows, out); break;
     case Isa::kScalar:
       for (int64_t r = 0; r < rows; r += ROWS)
-        block_scalar(p, b, x, r0 + r, static_cast<int>(std::min<int64_t>(ROWS, rows - r)),
-                     out + r * BLOCK);
+        block_scalar<A>(p, b, x, r0 + r, static_cast<int>(std::min<int64_t>(ROWS, rows - r)),
+                        out + r * BLOCK);
       break;
   }
+}
+
+// Rows [r0, r0 + rows) x block b -> out [rows][64] float32, at the rows' width.
+void block_rows(const Packed& p, int64_t b, const RowBuffers& rb, const Rows& x, int64_t r0,
+                int64_t rows, float* out) {
+  if (rb.wide)
+    block_rows_as<int16_t>(p, b, x, r0, rows, out);
+  else
+    block_rows_as<int8_t>(p, b, x, r0, rows, out);
 }
 
 // SiLU(gate) * up in float32, vectorised by the compiler.
@@ -422,7 +515,7 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s,
   at::parallel_for(0, p.n / BLOCK, 1, [&](int64_t lo, int64_t hi) {
     std::vector<float> buf(m * BLOCK);
     for (int64_t b = lo; b < hi; ++b) {
-      block_rows(p, b, rows, 0, m, buf.data());
+      block_rows(p, b, rb, rows, 0, m, buf.data());
       for (int64_t r = 0; r < m; ++r)
         for (int64_t c = 0; c < BLOCK; ++c)
           o[r * p.n + b * BLOCK + c] = buf[r * BLOCK + c] + (bi ? bi[b * BLOCK + c] : 0.f);
@@ -500,7 +593,7 @@ at::Tensor moe(const at::Tensor& x, const at::Tensor& topk_weights, const at::Te
   float* actp = act.data_ptr<float>();
   if (!used.empty()) {
     RowBuffers rb;
-    quantize_rows(xg.data_ptr<float>(), rows, h, up[0].g, rb);
+    quantize_rows(xg.data_ptr<float>(), rows, h, up[0].g, wide_for(x.scalar_type()), rb);
     const Rows xr = rb.view(h, up[0].g);
     const int64_t pairs = inter / BLOCK;
     at::parallel_for(0, static_cast<int64_t>(used.size()) * pairs, 1, [&](int64_t lo, int64_t hi) {
@@ -510,8 +603,8 @@ at::Tensor moe(const at::Tensor& x, const at::Tensor& topk_weights, const at::Te
         const int64_t r0 = rt.start[e], n = rt.start[e + 1] - r0;
         gate.resize(n * BLOCK);
         upv.resize(n * BLOCK);
-        block_rows(up[e], 2 * j, xr, r0, n, gate.data());
-        block_rows(up[e], 2 * j + 1, xr, r0, n, upv.data());
+        block_rows(up[e], 2 * j, rb, xr, r0, n, gate.data());
+        block_rows(up[e], 2 * j + 1, rb, xr, r0, n, upv.data());
         for (int64_t r = 0; r < n; ++r)
           for (int64_t c = 0; c < BLOCK; ++c)
             actp[(r0 + r) * inter + j * BLOCK + c] = silu_mul(gate[r * BLOCK + c], upv[r * BLOCK + c]);
@@ -524,7 +617,7 @@ at::Tensor moe(const at::Tensor& x, const at::Tensor& topk_weights, const at::Te
   float* op = out.data_ptr<float>();
   if (!used.empty()) {
     RowBuffers rb;
-    quantize_rows(actp, rows, inter, down[0].g, rb);
+    quantize_rows(actp, rows, inter, down[0].g, wide_for(x.scalar_type()), rb);
     const Rows ar = rb.view(inter, down[0].g);
     at::parallel_for(0, h / BLOCK, 1, [&](int64_t lo, int64_t hi) {
       std::vector<float> y;
@@ -532,7 +625,7 @@ at::Tensor moe(const at::Tensor& x, const at::Tensor& topk_weights, const at::Te
         for (const int64_t e : used) {
           const int64_t r0 = rt.start[e], n = rt.start[e + 1] - r0;
           y.resize(n * BLOCK);
-          block_rows(down[e], b, ar, r0, n, y.data());
+          block_rows(down[e], b, rb, ar, r0, n, y.data());
           for (int64_t r = 0; r < n; ++r) {
             const float f = weight_on_input ? 1.f : rt.weight[r0 + r];
             float* dst = op + rt.token[r0 + r] * h + b * BLOCK;
