@@ -58,18 +58,21 @@ def load_model(model_dir: Path, spec: ArchSpec, offload: Path) -> Any:
     from compressed_tensors.offload import load_offloaded_model
     from transformers import AutoModelForCausalLM
 
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(load_offloaded_model())
-        if spec.is_moe:
-            # Fused expert tensors (transformers 5) become one Linear per expert, so every
-            # expert is calibrated and quantized on its own.
-            from llmcompressor.modeling.moe.linearize import load_quantizable_moe
-
-            stack.enter_context(load_quantizable_moe())
+    with load_offloaded_model():
         # device_map {"": "disk"}, not "auto_offload": that keeps in RAM whatever fits.
-        return AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto",
-                                                    device_map={"": "disk"},
-                                                    offload_folder=str(offload))
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto",
+                                                     device_map={"": "disk"},
+                                                     offload_folder=str(offload))
+    if spec.is_moe:
+        # transformers 5 fuses experts into 3-D tensors; llm-compressor gives each expert its
+        # own Linear again (offloaded like the fused one), so each is calibrated and quantized
+        # on its own and saved under AutoAWQ's per-expert names. After loading, not through
+        # `load_quantizable_moe`: its patching walks every transformers module and imports
+        # the image processors, which need torchvision (not installed: field notes).
+        from llmcompressor.modeling.moe.linearize import linearize_moe
+
+        linearize_moe(model)
+    return model
 
 
 def fingerprint(opts: Options) -> dict[str, Any]:

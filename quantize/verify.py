@@ -159,8 +159,9 @@ class Gate:
         if verdict == WORSE:
             return (f"worse than round-to-nearest: the checkpoint is further from the original "
                     f"than plain round-to-nearest of the same model ({self.figures()}), so the "
-                    "search did harm on this text. Quantize with --method rtn for the plain "
-                    "rounding, give more calibration text, or publish it anyway with "
+                    "search did harm on this text. Give more calibration text, quantize with "
+                    "--method awq (GPTQ's rounding can fit a little text too closely) or "
+                    "--method rtn (the plain rounding), or publish it anyway with "
                     "--accept-quality-loss")
         if verdict == SENSITIVE:
             limit = (f"the limit of {MAX_MEAN_KL} nats" if self.kl > MAX_MEAN_KL

@@ -294,9 +294,10 @@ def _method_class() -> type:
                   topk_ids: torch.Tensor, shared_experts: Any,
                   shared_experts_input: torch.Tensor | None) -> torch.Tensor:
             assert self.processed, "weights were not processed after loading"
-            if shared_experts is not None:  # Mixtral has none; a family with them is not run
-                raise NotImplementedError("moegi's CPU AWQ MoE experts do not run shared "
-                                          "experts")
+            # Shared experts (Qwen2-MoE) are not ours to run: vLLM's MoE runner has run them
+            # already (SharedExpertsOrder.NO_OVERLAP) and adds their output to ours; it passes
+            # them for modular kernels that overlap them with the routed ones.
+            del shared_experts, shared_experts_input
             on_input = bool(layer.apply_router_weight_on_input)
             out: torch.Tensor
             if self.native:
