@@ -19,6 +19,10 @@ HELDOUT = Path(__file__).parent / "data" / "heldout.jsonl"
 SEED = 0
 
 
+TOKENIZER_HINT = ("check that the model's tokenizer loads as its own (AutoTokenizer) and "
+                  "encodes Japanese and English text")
+
+
 class CalibrationError(ValueError):
     pass
 
@@ -117,11 +121,17 @@ def load(tokenizer: Any, model_dir: Path, calib: Path | None = None, num_samples
     samples = [ids[:seq_len] for ids in (render(tokenizer, r, template) for r in rows[:num_samples])]
     samples = [s for s in samples if len(s) > 1]
     if not samples:
-        raise CalibrationError(f"{path}: every row is empty after tokenization")
+        raise CalibrationError(f"{path}: every row is under 2 tokens after tokenization: "
+                               f"{TOKENIZER_HINT}")
+    heldout = [h for h in heldout if len(h) > 1]
+    if not heldout:
+        # A tokenizer that maps whole texts to one token would leave the gate nothing to
+        # measure, after the whole search: said now, before anything loads.
+        raise CalibrationError(f"the gate's text ({heldout_source}) is under 2 tokens a row "
+                               f"with this model's tokenizer: {TOKENIZER_HINT}")
     source = "built-in moegi set (Japanese + English text and instructions)" if calib is None \
         else path.name
-    return Calibration(samples, source, fmt, seq_len, [h for h in heldout if len(h) > 1],
-                       heldout_source)
+    return Calibration(samples, source, fmt, seq_len, heldout, heldout_source)
 
 
 def heldout_texts(path: Path | None = None) -> list[str]:

@@ -2,7 +2,8 @@
 Qwen3-MoE merges that `mergekit-moe` 0.1.5 writes.
 
 - `tiny-qwen2`, `tiny-qwen3`: random weights in the tiny shape (tiny/shapes.py), each family's
-  own layout (Qwen2's q/k/v biases, Qwen3's per-head q/k norms), for the quantize and serve paths;
+  own layout (Qwen2's q/k/v biases, Qwen3's per-head q/k norms) and a byte-level tokenizer
+  of the Qwen kind (tiny/tokenizer.py), for the quantize and serve paths;
 - `tiny-qwen2-moe`: a Llama base trained on the chat pairs (tiny/train.py), two fine-tunes of it
   (Japanese, English: their MLPs alone, as fine-tunes of one base differ), merged by mergekit-moe
   with `architecture: qwen` and the base as the *shared expert* every token runs (with its
@@ -50,17 +51,21 @@ FINETUNE_STEPS = 60
 
 
 def random_dense(out: Path, family: str) -> None:
-    """A dense model of `family` (shapes.DENSE) with random bf16 weights and the tiny tokenizer."""
+    """A dense model of `family` (shapes.DENSE) with random bf16 weights and the tiny Qwen
+    (byte-level) tokenizer."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from tiny.shapes import dense_config
-    from tiny.tokenizer import build_tokenizer
+    from tiny.tokenizer import build_qwen_tokenizer
 
-    build_tokenizer(out)
+    build_qwen_tokenizer(out)
+    tok = AutoTokenizer.from_pretrained(out)
     torch.manual_seed(SEED)
+    # Qwen2's base models: <|endoftext|> begins (when a template adds it) and ends the text.
     model: Any = AutoModelForCausalLM.from_config(  # type: ignore[no-untyped-call]
-        dense_config(family, len(AutoTokenizer.from_pretrained(out))))
+        dense_config(family, len(tok), bos_token_id=tok.eos_token_id,
+                     eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id))
     model.to(torch.bfloat16).save_pretrained(out)
 
 

@@ -52,6 +52,21 @@ def test_instruction_rows_use_the_preset_format(tmp_path: Path, tokenizer: Any,
     assert max(map(len, calibration.load(tokenizer, model, seq_len=16).samples)) == 16
 
 
+def test_a_tokenizer_that_leaves_the_gate_no_text_is_refused_before_loading(
+        tokenizer: Any, llama_model_dir: Path) -> None:
+    # What a sentencepiece vocabulary read as Qwen2's byte-level tokenizer did to Japanese text.
+    class OneToken:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(tokenizer, name)
+
+        def encode(self, text: str, **_: Any) -> list[int]:
+            return [1]
+
+    with pytest.raises(calibration.CalibrationError, match="under 2 tokens"):
+        calibration.load(OneToken(), llama_model_dir)
+    assert calibration.load(tokenizer, llama_model_dir).heldout  # the real one measures
+
+
 def test_shard_writer_streams_the_files_safetensors_writes(tmp_path: Path) -> None:
     """The streaming writer holds no tensor, yet its file is save_file's, byte for byte."""
     gen = torch.Generator().manual_seed(0)
