@@ -150,6 +150,9 @@ bench-moe: $(STAMP) $(QSTAMP) $(BSTAMP) native
 # llama.cpp, what a CPU user would run instead, for bench-moe: built from llama-cpp-python's PyPI
 # source (it vendors llama.cpp with its converter and gguf-py). The server and quantize tools are
 # built rather than the Python binding: llama-server's parallel slots are llama.cpp's batching.
+# Without AMX (explicit -mno flags win over -march=native): the CPUs moegi's plugin is for have
+# none, and on an AMX host llama.cpp's AMX Q4_0 repack died at start-up with SIGILL.
+LLAMA_CPP_CFLAGS ?= -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
 bench-env: $(BSTAMP)
 
 $(BSTAMP): Makefile
@@ -159,7 +162,7 @@ $(BSTAMP): Makefile
 	tar -xzf $(MOEGI_CACHE)/wheels/llama_cpp_python-$(LLAMA_CPP).tar.gz -C $(BVENV)/src --strip-components=3 \
 	  llama_cpp_python-$(LLAMA_CPP)/vendor/llama.cpp
 	cmake -S $(BVENV)/src -B $(BVENV)/build -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \
-	  -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=ON
+	  -DCMAKE_C_FLAGS="$(LLAMA_CPP_CFLAGS)" -DCMAKE_CXX_FLAGS="$(LLAMA_CPP_CFLAGS)" -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=ON
 	cmake --build $(BVENV)/build --target llama-server llama-quantize
 	$(BBIN)/pip install -q $(BVENV)/src/gguf-py 'torch==2.13.0+cpu' 'transformers>=5.16.1,<5.20' \
 	  sentencepiece safetensors 'protobuf<5'
