@@ -94,8 +94,8 @@ class Settings(BaseSettings):
         "are most of the front end's CPU under load). Applies while two or more streams are "
         "open; the first chunk is never held. 0: a chunk per engine step.")
     engine_stall_s: float = Field(
-        60.0, gt=0, description="An engine that produces nothing this long while it has "
-        "requests is hung: /health answers 503.")
+        60.0, gt=0, description="An engine that neither finishes a step nor computes (spends "
+        "CPU) this long while it has requests is hung: /health answers 503.")
 
     # --- vLLM engine (AsyncEngineArgs names) ---
     model: str = Field("", description="Model folder or hub id (default: the embedded tiny-chat).")

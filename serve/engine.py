@@ -113,5 +113,6 @@ class Engine(Protocol):
         ...
 
     def progress(self) -> float:
-        """A number that grows whenever the engine computes tokens (prompt or generated)."""
+        """A number that grows while the engine works: tokens computed (prompt or generated),
+        and the CPU its processes spend within a long step."""
         ...

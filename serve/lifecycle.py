@@ -1,8 +1,9 @@
 """The server's life around the engine: liveness, a watchdog, the drain on SIGTERM, reaping.
 
 - `MonitoredEngine` wraps the engine: it counts requests in flight and reads the engine's
-  progress counter, so `Liveness` can tell a hung engine (requests in flight, no token computed
-  for `engine_stall_s`) from an idle one; `/health` answers 503 for a dead and a hung engine.
+  progress counter (tokens, and CPU the engine spent: `Engine.progress`), so `Liveness` can tell
+  a hung engine (requests in flight, no progress for `engine_stall_s`) from an idle one;
+  `/health` answers 503 for a dead and a hung engine.
 - `watchdog` asks the engine for its health every second, with or without traffic, so a dead
   engine core is noticed (and the server exits non-zero) within seconds.
 - `Drain` holds the streams in progress. On SIGTERM new connections are refused, requests in
@@ -44,8 +45,9 @@ class Liveness:
     def check(self) -> None:
         stalled = time.monotonic() - self.last_progress
         if self.in_flight and stalled > self.stall_s:
-            raise EngineDeadError(f"the engine has computed nothing for {stalled:.0f} s with "
-                                  f"{self.in_flight} request(s) in flight (hung)")
+            raise EngineDeadError(f"the engine has made no progress (no step finished, next to "
+                                  f"no CPU spent) for {stalled:.0f} s with {self.in_flight} "
+                                  "request(s) in flight (hung)")
 
 
 class MonitoredEngine:

@@ -73,6 +73,8 @@ def build_qwen_tokenizer(out: Path) -> None:
         vocab_size=VOCAB_SIZE, special_tokens=list(QWEN_SPECIALS), show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     model = json.loads(bpe.to_str())["model"]
-    tok = Qwen2Tokenizer(vocab=model["vocab"], merges=[tuple(m) for m in model["merges"]])
+    # Pairs, as the `tokenizers` BPE takes them (transformers' hint says strings).
+    merges: Any = [tuple(m) for m in model["merges"]]
+    tok = Qwen2Tokenizer(vocab=model["vocab"], merges=merges)
     tok.add_special_tokens({"additional_special_tokens": list(QWEN_SPECIALS[1:])})
     tok.save_pretrained(out)
