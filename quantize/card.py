@@ -156,6 +156,7 @@ def write_card(folder: Path, opts: Options, result: Result) -> None:
             "layers_kept": dict(Counter(result.choices)),
             "gate": {"kl": result.gate.kl, "top1": result.gate.top1,
                      "rtn_kl": result.gate.rtn_kl, "rtn_top1": result.gate.rtn_top1,
-                     "verdict": result.gate.verdict(), "text": result.calib.heldout_source},
+                     "kl_difference_stderr": result.gate.noise, "verdict": result.gate.verdict(),
+                     "text": result.calib.heldout_source},
             "llmcompressor": _version("llmcompressor")}
     (folder / "moegi-quantize.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False))

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from awq.registry import ArchSpec
+from awq.widths import widths
 from quantize import calibration, checkpoint, compat, guard, pipeline, preflight, verify
 from quantize.options import FORMATS, OBSERVERS, Method, Observer, Options, Result
 from quantize.preflight import QuantizeError
@@ -119,6 +120,12 @@ def quantize(opts: Options) -> Result:
     if plan.group_note:
         print(f"moegi-quantize: {plan.group_note}", file=sys.stderr)
     start = time.monotonic()
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(opts.model)
+    calib = calibration.load(tok, opts.model, opts.calib, opts.num_samples, opts.seq_len)
+    template = calibration.template_source(tok, opts.model)
+    opts = _fit_method(opts, calib.num_tokens, max(widths(plan.config).all()))
     resume = pipeline.Resume(opts.out.parent / f"{opts.out.name}.resume", fingerprint(opts),
                              guard.GPTQ_CANDIDATES if opts.method == "gptq" else
                              guard.AWQ_CANDIDATES)
@@ -131,7 +138,7 @@ def quantize(opts: Options) -> Result:
         work = Path(tempfile.mkdtemp(prefix=f".{opts.out.name}.partial-", dir=opts.out.parent))
         (work / "pid").write_text(str(os.getpid()))
         try:
-            result = _run(opts, plan, resume, work, start)
+            result = _run(opts, plan, (calib, template), resume, work, start)
         except BaseException:
             if (resume.folder / pipeline.PROGRESS).is_file():
                 print(f"moegi-quantize: {resume.done()} quantized layer(s) of this run are kept "
@@ -157,17 +164,27 @@ def _remove_stale_work(out: Path) -> None:
             shutil.rmtree(folder, ignore_errors=True)
 
 
-def _run(opts: Options, plan: preflight.Plan, resume: pipeline.Resume, work: Path,
-         start: float) -> Result:
+def _fit_method(opts: Options, tokens: int, widest: int) -> Options:
+    """GPTQ only with calibration text enough for its Hessians (guard.GPTQ_TOKENS_PER_INPUT
+    tokens per input of the widest layer); with less, AWQ's candidates, and the reason said."""
+    if opts.method != "gptq" or tokens >= guard.GPTQ_TOKENS_PER_INPUT * widest:
+        return opts
+    print(f"moegi-quantize: --method awq instead of gptq: {tokens} calibration tokens are "
+          f"under {guard.GPTQ_TOKENS_PER_INPUT} per input of the widest layer ({widest}), too "
+          "few for GPTQ's rounding to hold on other text; give more --num-samples or --seq-len "
+          f"(at least {guard.GPTQ_TOKENS_PER_INPUT * widest} tokens) for GPTQ", file=sys.stderr)
+    return opts.model_copy(update={"method": "awq"})
+
+
+def _run(opts: Options, plan: preflight.Plan, text: tuple[calibration.Calibration, str | None],
+         resume: pipeline.Resume, work: Path, start: float) -> Result:
+    """The long work, given the calibration text and the chat template the card records."""
     spec = plan.spec
+    calib, template = text
     compat.patch_for_cpu()
     pipeline.register()
     from llmcompressor import oneshot
-    from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(opts.model)
-    calib = calibration.load(tok, opts.model, opts.calib, opts.num_samples, opts.seq_len)
-    template = calibration.template_source(tok, opts.model)
     model = load_model(opts.model, spec, work / "offload")
     # AWQ and the weight quantization share one layer-by-layer pass that can resume
     # (pipeline.py); round-to-nearest needs no data. Calibration rows keep their order, so a

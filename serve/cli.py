@@ -107,9 +107,12 @@ async def _serve(settings: Settings) -> int:
 def main(argv: list[str] | None = None) -> None:
     # vLLM's CPU backend otherwise sizes its KV cache from --gpu-memory-utilization (90% of RAM,
     # which a shared host rarely has free); 1 GiB holds the embedded model's every context.
-    # Set VLLM_CPU_KVCACHE_SPACE (GiB) yourself for a real model on a CPU host.
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    # Set VLLM_CPU_KVCACHE_SPACE (GiB) or `--engine-args kv_cache_memory_bytes=N` yourself for a
+    # real model on a CPU host. vLLM lets the variable override the argument, so it is set only
+    # where the argument is not given.
     settings = parse(argv)
+    if "kv_cache_memory_bytes" not in settings.engine_args:
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not settings.model:

@@ -35,6 +35,10 @@ SERVER_ENV = {"HF_HUB_OFFLINE": "1", "ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"}
 # The quantization stage runs in its own environment (llm-compressor's pins differ from vLLM's).
 QUANTIZE_PYTHON = Path(os.environ.get("MOEGI_QUANTIZE_PYTHON", REPO / ".venv-quantize/bin/python"))
 START_TIMEOUT_S = 300
+# Each test server's KV cache. The suite runs a dozen servers of small models at once on a 24 GiB
+# host; at moegi's default 1 GiB each (serve/cli.py), the last to start found 0.5 GiB free and
+# its engine failed. 256 MiB holds 512-token contexts of every model here many times over.
+KV_BYTES = 256 * 2**20
 
 
 @dataclass
@@ -123,7 +127,9 @@ def _start(name: str, args: list[str], tmp: Path, api_key: str | None = None,
     port = free_port()
     log = tmp / f"{name}.log"
     env = {**os.environ, **SERVER_ENV}
-    cmd = [sys.executable, "-m", "serve", "--port", str(port), "--max-model-len", "512", *args]
+    env.pop("VLLM_CPU_KVCACHE_SPACE", None)  # vLLM lets it override kv_cache_memory_bytes
+    cmd = [sys.executable, "-m", "serve", "--port", str(port), "--max-model-len", "512",
+           "--engine-args", f"kv_cache_memory_bytes={KV_BYTES}", *args]
     if eager:  # skips torch.compile: a faster start for the servers that do not need it
         cmd.append("--enforce-eager")
     if api_key:
@@ -140,8 +146,10 @@ def start_vllm(name: str, model: Path, tmp: Path, args: list[str]) -> Server:
     port = free_port()
     log = tmp / f"{name}.log"
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
-           "--served-model-name", name, "--port", str(port), "--max-model-len", "512", *args]
-    env = {**os.environ, **SERVER_ENV, "VLLM_CPU_KVCACHE_SPACE": "1"}
+           "--served-model-name", name, "--port", str(port), "--max-model-len", "512",
+           "--kv-cache-memory-bytes", str(KV_BYTES), *args]
+    env = {**os.environ, **SERVER_ENV}
+    env.pop("VLLM_CPU_KVCACHE_SPACE", None)
     proc = subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env,
                             start_new_session=True)
     return Server(name, port, proc, log)

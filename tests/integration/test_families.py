@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 from safetensors import safe_open
 
-from tests.integration.conftest import QUANTIZE_PYTHON, REPO, _start, _stop, agreement
+from tests.integration.conftest import KV_BYTES, QUANTIZE_PYTHON, REPO, _start, _stop, agreement
 from tiny.build import ensure_model
 
 pytestmark = pytest.mark.integration
@@ -198,8 +198,11 @@ def test_the_bf16_merge_is_served_as_mergekit_wrote_it(family: dict[str, Any], n
 @pytest.mark.parametrize("name", DENSE)
 def test_dense_qwen_families_quantize_and_serve(family: dict[str, Any], name: str) -> None:
     server = family["servers"][f"{name}-awq"]
-    assert "dense 4-bit AWQ linears repacked for moegi's native kernel" in \
-        server.log.read_text(errors="replace")
+    log = server.log.read_text(errors="replace")
+    assert "dense 4-bit AWQ linears repacked for moegi's native kernel" in log
+    # The KV budget given as an engine argument (conftest.KV_BYTES) is the one vLLM used: moegi's
+    # own default, through VLLM_CPU_KVCACHE_SPACE, would override it.
+    assert f"Explicitly set ({KV_BYTES / 2**30:g}/" in log
     reply = server.client().completions.create(model=name, prompt="日本の首都は", max_tokens=8,
                                                temperature=0, extra_body={"ignore_eos": True})
     assert reply.usage is not None and reply.usage.completion_tokens == 8

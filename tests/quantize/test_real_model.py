@@ -79,6 +79,9 @@ def test_awq_beats_round_to_nearest_on_real_text(dense: dict[str, Any], real_tex
     assert report.gate.verdict(verify.MIN_TOP1) != verify.BROKEN
     assert report.ppl["checkpoint"]["all"] < report.ppl["rtn"]["all"]
     assert report.gate.kl < report.gate.rtn_kl
-    # Without the request, verify refuses the same checkpoint and says why.
+    # Without the request, verify refuses the checkpoint on the text the command's gate refused
+    # it on (moegi's built-in held-out text), by the same rule, and says why. On the licence,
+    # legal prose a small model predicts well, GPTQ's checkpoint may pass the absolute limits
+    # (mean KL 0.005 there in CI), so that text cannot show the refusal.
     with pytest.raises(verify.VerifyError, match="sensitive: the checkpoint is at least as good"):
-        verify.verify(out, ensure_model("smollm2"), real_text)
+        verify.verify(out, ensure_model("smollm2"))

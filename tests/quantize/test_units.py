@@ -139,3 +139,21 @@ def test_options_come_from_flags_and_variables_with_defaults_in_one_place(
     monkeypatch.setenv("MOEGI_QUANTIZE_NUM_SAMPLES", "0")
     with pytest.raises(SystemExit, match="--num-samples / MOEGI_QUANTIZE_NUM_SAMPLES"):
         parse(Options, ["m", "o"])
+
+
+def test_gptq_needs_calibration_tokens_enough_for_its_hessians(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from quantize import guard
+    from quantize.options import Options
+    from quantize.run import _fit_method
+
+    opts = Options(model=tmp_path, out=tmp_path / "out")
+    assert opts.method == "gptq"
+    enough = guard.GPTQ_TOKENS_PER_INPUT * 1536
+    assert _fit_method(opts, enough, 1536).method == "gptq"
+    assert capsys.readouterr().err == ""
+    fewer = _fit_method(opts, enough - 1, 1536)
+    assert fewer.method == "awq" and fewer.out == opts.out
+    assert f"at least {enough} tokens" in capsys.readouterr().err
+    rtn = opts.model_copy(update={"method": "rtn"})
+    assert _fit_method(rtn, 1, 1536) is rtn
