@@ -30,13 +30,19 @@ class Step:
     seconds: float = 0.0
 
 
+# The slowest tests of each suite, printed before its summary: where CI's time goes.
+DURATIONS = "--durations=12"
+
+
 def steps(python: Path, quantize_python: Path, extra: list[str]) -> list[Step]:
     bin_dir = python.parent
     return [
         Step("lint", [str(bin_dir / "ruff"), "check", "--no-cache", "."]),
         Step("types", [str(bin_dir / "mypy")]),
-        Step("quantize", [str(quantize_python), "-m", "pytest", "-q", "tests/quantize", *extra]),
-        Step("main", [str(python), "-m", "pytest", "-q", "tests", "--ignore=tests/images", *extra]),
+        Step("quantize", [str(quantize_python), "-m", "pytest", "-q", DURATIONS, "tests/quantize",
+                          *extra]),
+        Step("main", [str(python), "-m", "pytest", "-q", DURATIONS, "tests",
+                      "--ignore=tests/images", *extra]),
     ]
 
 
