@@ -227,8 +227,11 @@ def main(argv: list[str] | None = None) -> None:
     log_dir = Path(tempfile.mkdtemp(prefix="moegi-bench-moe-"))
     prompts = Prompts()
     runs: dict[str, list[dict[str, float]]] = {}
+    plugin_served = False  # the as-served row ran on moegi's plugin: this CPU has no AMX (or capped)
     for r in range(args.rounds):
-        for engine in todo:
+        for engine in list(todo):
+            if plugin_served and engine.name == "4-bit moegi plugin":
+                continue
             server = engine.start(log_dir)
             try:
                 try:
@@ -247,10 +250,11 @@ def main(argv: list[str] | None = None) -> None:
             runs[engine.name][-1].update(phases(server.log.read_text()))
             if engine.name == "4-bit as served" and PLUGIN_LOG in server.log.read_text():
                 # This CPU has no AMX: the as-served row is the plugin already.
+                plugin_served = True
                 todo = [e for e in todo if e.name != "4-bit moegi plugin"]
             print(f"round {r + 1}: {engine.name}: {runs[engine.name][-1]}", file=sys.stderr,
                   flush=True)
-    served = "moegi plugin" if "4-bit moegi plugin" not in runs else "vLLM CPUExpertsInt4 (AMX)"
+    served = "moegi plugin" if plugin_served else "vLLM CPUExpertsInt4 (AMX)"
     cfg = REAL_SHAPES[args.shape]
     print(f"\nMixtral with the {args.shape} layer shape: hidden {cfg['hidden_size']}, intermediate "
           f"{cfg['intermediate_size']}, {cfg['num_local_experts']} experts "
