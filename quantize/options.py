@@ -54,8 +54,8 @@ class Options(BaseSettings):
                            "transformers) or llm-compressor's compressed-tensors.")
     method: Method = Field(
         "gptq", description="gptq: AWQ smoothing, then each layer keeps the best of AWQ, GPTQ's "
-        "rounding and round-to-nearest on the calibration data (guard.py; with under 4 calibration "
-        "tokens per input of the widest layer, AWQ's alone, as said at the start); awq: AWQ alone, never "
+        "rounding and round-to-nearest on the calibration data (guard.py; with too little "
+        "calibration text for GPTQ, AWQ's alone, as said at the start); awq: AWQ alone, never "
         "worse than round-to-nearest per layer; rtn: plain round-to-nearest.")
     calib: Path | None = Field(
         None, description='JSONL of {"text": ...} or {"messages": [...]} (a few rows are held out '
